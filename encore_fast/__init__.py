@@ -1,0 +1,1 @@
+"""encore_fast: fast lifelong knowledge editing (ENCORE, MEMIT, AlphaEdit)."""

@@ -1,0 +1,161 @@
+"""Edit settings and the published presets.
+
+One :class:`EditConfig` holds every knob of the MEMIT-family algorithm (DESIGN.md §2). Presets
+give the papers' settings per model; every field can be overridden by keyword.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("encore", "memit", "memit-seq", "alphaedit")
+
+
+@dataclass
+class EditConfig:
+    """All settings of one editing method on one model.
+
+    Value optimisation: ``v_lr`` (Adam), ``v_num_grad_steps`` (iterations; at most n-1 updates),
+    ``v_weight_decay``, ``clamp_norm_factor`` (‖δ‖ ≤ factor·‖h0‖), ``kl_factor``,
+    ``loss_cutoff``. ``mpes_extra_steps``: ENCORE's early stopping "+k" (None disables MPES).
+    Update: ``lambda_p`` (weight of C0), ``lambda_n`` (ENCORE's Frobenius-norm weight),
+    ``alpha`` and ``null_space_threshold`` for AlphaEdit (``null_space_relative`` makes the
+    threshold a fraction of C0's largest eigenvalue). Statistics: ``stats_samples`` texts of at
+    most ``stats_max_length`` tokens.
+    """
+
+    layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
+    lambda_p: float = 15000.0
+    lambda_n: float = 0.0
+    mpes_extra_steps: int | None = None
+    v_lr: float = 0.5
+    v_num_grad_steps: int = 25
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    loss_cutoff: float = 5e-2
+    alpha: float = 10.0
+    null_space_threshold: float = 2e-2
+    null_space_relative: bool = False
+    batch_size: int = 100
+    stats_samples: int = 10000
+    stats_max_length: int = 256
+    context_seed: int = 0
+    context_words: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
+    context_length: int = 10
+    max_prompt_length: int = 256
+
+    def replace(self, **overrides: Any) -> EditConfig:
+        """A copy with ``overrides`` applied; unknown names are an error."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown setting(s) {unknown}; valid: {sorted(names)}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["context_words"] = list(self.context_words)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EditConfig:
+        d = dict(d)
+        if "context_words" in d:
+            d["context_words"] = tuple(d["context_words"])
+        return cls(**d)
+
+
+_LLAMA3 = dict(layers=[4, 5, 6, 7, 8], lambda_p=15000.0, v_lr=0.5, v_weight_decay=0.5,
+               clamp_norm_factor=0.75, kl_factor=0.0625, v_num_grad_steps=25,
+               stats_samples=10000)
+_LLAMA2 = dict(_LLAMA3, stats_samples=100000)
+_GPT2XL = dict(layers=[13, 14, 15, 16, 17], lambda_p=20000.0, v_lr=0.5, v_weight_decay=0.5,
+               clamp_norm_factor=0.75, kl_factor=0.0625, v_num_grad_steps=20,
+               stats_samples=100000)
+# SmolLM2-135M: 30 layers, so layers 4-8 sit at the depth of Llama3-8B's 4-8 (of 32).
+# Its keys are small (trace C0 ≈ 25-50), so λ_p, λ_n and τ are rescaled; see README "Presets".
+_SMOLLM2 = dict(layers=[4, 5, 6, 7, 8], lambda_p=150.0, v_lr=0.5, v_weight_decay=0.5,
+                clamp_norm_factor=0.75, kl_factor=0.0625, v_num_grad_steps=25,
+                stats_samples=1000, stats_max_length=256, batch_size=50)
+
+# (model preset, method) -> settings. "memit"/"memit-seq" use the MEMIT settings.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "llama3-8b": {
+        "encore": dict(_LLAMA3, lambda_n=20.0, mpes_extra_steps=1),
+        "memit": dict(_LLAMA3),
+        "alphaedit": dict(_LLAMA3, v_lr=0.1, alpha=10.0, null_space_threshold=2e-2),
+    },
+    "llama2-7b": {
+        "encore": dict(_LLAMA2, lambda_n=10.0, mpes_extra_steps=2),
+        "memit": dict(_LLAMA2),
+        "alphaedit": dict(_LLAMA2, v_lr=0.1, alpha=10.0, null_space_threshold=2e-2),
+    },
+    "gpt2-xl": {
+        "encore": dict(_GPT2XL, lambda_n=10.0, mpes_extra_steps=3),
+        "memit": dict(_GPT2XL),
+        "alphaedit": dict(_GPT2XL, alpha=10.0, null_space_threshold=2e-2),
+    },
+    "smollm2-135m": {
+        "encore": dict(_SMOLLM2, lambda_n=2.0, mpes_extra_steps=1),
+        "memit": dict(_SMOLLM2, lambda_p=150.0),
+        "alphaedit": dict(_SMOLLM2, alpha=1.0, null_space_threshold=2e-2),
+    },
+}
+
+_NAME_HINTS = [
+    ("smollm2-135m", ("smollm2-135m", "smollm2")),
+    ("llama3-8b", ("llama-3-8b", "llama-3.1-8b", "llama3-8b", "meta-llama-3-8b")),
+    ("llama2-7b", ("llama-2-7b", "llama2-7b")),
+    ("gpt2-xl", ("gpt2-xl",)),
+]
+
+
+def guess_preset(model_name: str | None, num_layers: int | None = None) -> str | None:
+    """The preset whose name matches ``model_name`` (case-insensitive substring), if any."""
+    name = (model_name or "").lower()
+    for preset, hints in _NAME_HINTS:
+        if any(h in name for h in hints):
+            return preset
+    return None
+
+
+def scaled_layers(num_layers: int) -> list[int]:
+    """Five consecutive layers at the relative depth of Llama3-8B's 4-8 (of 32)."""
+    start = max(1, round(4 * num_layers / 32))
+    end = min(num_layers - 1, start + 4)
+    return list(range(start, end + 1))
+
+
+def make_config(
+    method: str, preset: str | None, num_layers: int | None = None, **overrides: Any
+) -> EditConfig:
+    """Settings for ``method`` from ``preset`` (or generic Llama3-like ones), then overrides.
+
+    Without a preset, the Llama3-8B settings are used at the same relative depth (and the caller
+    is told to tune λ_p / λ_n / τ for the model's key scale; see README).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    base_method = "memit" if method.startswith("memit") else method
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; available: {sorted(PRESETS)}")
+        settings = dict(PRESETS[preset][base_method])
+    else:
+        settings = dict(PRESETS["llama3-8b"][base_method])
+        if num_layers is not None:
+            settings["layers"] = scaled_layers(num_layers)
+    cfg = EditConfig().replace(**settings)
+    if method != "encore" and "mpes_extra_steps" not in overrides:
+        cfg = cfg.replace(mpes_extra_steps=None)
+    cfg = cfg.replace(**overrides)
+    if num_layers is not None:
+        bad = [layer for layer in cfg.layers if not 0 <= layer < num_layers]
+        if bad:
+            raise ValueError(f"layers {bad} do not exist: the model has {num_layers} layers")
+    if not cfg.layers or sorted(set(cfg.layers)) != list(cfg.layers):
+        raise ValueError(f"layers must be a non-empty ascending list, got {cfg.layers}")
+    return cfg

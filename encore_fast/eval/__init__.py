@@ -1,0 +1,50 @@
+"""encore_fast.eval: data sets, edit metrics, degradation checks and sequential editing runs.
+
+The editor never imports this package. Plots (``encore_fast.eval.plots``) need matplotlib and
+are imported on demand.
+"""
+
+from encore_fast.eval.datasets import (
+    DatasetError,
+    EvalRecord,
+    default_data_dir,
+    load_dataset,
+    parse_records,
+)
+from encore_fast.eval.degradation import (
+    KnownFact,
+    known_fact_hits,
+    load_known_facts,
+    wikitext_perplexity,
+)
+from encore_fast.eval.metrics import (
+    counterfact_metrics,
+    evaluate_records,
+    generation_entropy,
+    next_token_is,
+    score_targets,
+    zsre_metrics,
+)
+from encore_fast.eval.run import EvalSettings, RunConfigError, read_results, run_sequential
+
+__all__ = [
+    "DatasetError",
+    "EvalRecord",
+    "EvalSettings",
+    "KnownFact",
+    "RunConfigError",
+    "counterfact_metrics",
+    "default_data_dir",
+    "evaluate_records",
+    "generation_entropy",
+    "known_fact_hits",
+    "load_dataset",
+    "load_known_facts",
+    "next_token_is",
+    "parse_records",
+    "read_results",
+    "run_sequential",
+    "score_targets",
+    "wikitext_perplexity",
+    "zsre_metrics",
+]

@@ -1,0 +1,225 @@
+"""``encore-fast eval``: a sequential editing run with evaluations, from the command line.
+
+The main CLI wires it as a subcommand::
+
+    sub = subparsers.add_parser("eval", help="sequential editing run with evaluation")
+    add_eval_arguments(sub)
+    sub.set_defaults(func=run_eval)
+
+The helpers below are shared with ``benchmarks/compare_methods.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from encore_fast.eval.datasets import (
+    LAYOUTS,
+    DatasetError,
+    EvalRecord,
+    default_data_dir,
+    load_dataset,
+)
+from encore_fast.eval.report import load_run, markdown_table, summarize_run
+from encore_fast.eval.run import EvalSettings, RunConfigError, run_sequential
+
+DEFAULT_DATASET = "counterfact/counterfact-edit.json"
+DEFAULT_WIKITEXT = "wikitext-2/test.txt"
+DEFAULT_KNOWN = "known_1000.json"
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model, data, stream and evaluation options (everything but the method and folder)."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=None, help="HF name or path (default: bundled SmolLM2)")
+    g.add_argument("--preset", default=None, help="hyper-parameter preset name")
+    g.add_argument("--engine", default="fast", help="editing engine (fast or reference)")
+    g.add_argument("--corpus", default=None, help="text corpus for the key statistics C0")
+    g.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="hyper-parameter override (VALUE parsed as JSON when it can be); repeatable",
+    )
+    g = parser.add_argument_group("edit stream")
+    g.add_argument("--dataset", default="auto", help=f"data file or URL (auto: {DEFAULT_DATASET})")
+    g.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS))
+    g.add_argument(
+        "--on-error",
+        default="raise",
+        choices=("raise", "warn"),
+        help="malformed records: stop, or warn and skip them",
+    )
+    g.add_argument("--num-edits", type=int, default=100)
+    g.add_argument("--batch-size", type=int, default=10, help="edits per batch")
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--eval-every", type=int, default=2, help="evaluate every k batches (0: end)")
+    g.add_argument(
+        "--eval-sample",
+        type=int,
+        default=100,
+        help="evaluate a fixed random sample of this many records (0: all)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed of that sample")
+    g.add_argument(
+        "--wikitext", default="auto", help=f"perplexity text (auto: {DEFAULT_WIKITEXT}; none: skip)"
+    )
+    g.add_argument("--ppl-tokens", type=int, default=8192, help="first tokens scored")
+    g.add_argument("--ppl-window", type=int, default=256, help="window length in tokens")
+    g.add_argument("--known-facts", default="auto", help=f"auto: {DEFAULT_KNOWN}; none: skip")
+    g.add_argument("--known-n", type=int, default=200, help="first known facts checked (0: all)")
+    g.add_argument(
+        "--gen-tokens",
+        type=int,
+        default=0,
+        help="greedy tokens per generation prompt for GE (0: no GE)",
+    )
+    g.add_argument(
+        "--gen-source",
+        default="dataset",
+        choices=("dataset", "rewrite"),
+        help="GE prompts: the data's generation_prompts, or the rewrite prompts",
+    )
+    g.add_argument("--score-batch-size", type=int, default=16, help="prompts per forward")
+    g.add_argument("--no-plots", action="store_true")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """All options of ``encore-fast eval``."""
+    parser.add_argument("--method", default="encore", help="encore, memit or alphaedit")
+    parser.add_argument("--out", default=None, help="run folder (default: runs/<method>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    add_common_arguments(parser)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["lambda_p=150", "layers=[4,5]"]`` -> ``{"lambda_p": 150, "layers": [4, 5]}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _data_file(value: str, default: str, what: str) -> str | None:
+    """A path from an option: ``none`` -> None, ``auto`` -> the shared data folder's file."""
+    if value.lower() == "none":
+        return None
+    if value != "auto":
+        return value
+    base = default_data_dir()
+    if base is None or not (base / default).exists():
+        raise DatasetError(
+            f"no {what} given and no shared data folder found; pass a path, or set "
+            "ENCORE_FAST_DATA to the data folder"
+        )
+    return str(base / default)
+
+
+def records_from_args(args: argparse.Namespace) -> list[EvalRecord]:
+    """The edit stream's records (the first ``--num-edits`` of the data set)."""
+    source = _data_file(args.dataset, DEFAULT_DATASET, "--dataset")
+    if source is None:
+        raise DatasetError("--dataset none: an edit stream is required")
+    return load_dataset(source, layout=args.layout, on_error=args.on_error, limit=args.num_edits)
+
+
+def settings_from_args(args: argparse.Namespace) -> EvalSettings:
+    """The evaluation settings the options describe."""
+    return EvalSettings(
+        sample=args.eval_sample or None,
+        seed=args.seed,
+        batch_size=args.score_batch_size,
+        generation_tokens=args.gen_tokens,
+        generation_source=args.gen_source,
+        wikitext=_data_file(args.wikitext, DEFAULT_WIKITEXT, "--wikitext"),
+        ppl_tokens=args.ppl_tokens,
+        ppl_window=args.ppl_window,
+        known_facts=_data_file(args.known_facts, DEFAULT_KNOWN, "--known-facts"),
+        known_n=args.known_n or None,
+    )
+
+
+def editor_factory(
+    args: argparse.Namespace, method: str, overrides: dict[str, Any]
+) -> Callable[[], Any]:
+    """A zero-argument function that builds a fresh, unedited editor (needed for resume)."""
+
+    def build() -> Any:
+        from encore_fast.editor import Editor  # the editor never imports eval, nor at load
+
+        return Editor.from_pretrained(
+            args.model,
+            method=method,
+            preset=args.preset,
+            engine=args.engine,
+            corpus=args.corpus,
+            **overrides,
+        )
+
+    return build
+
+
+def run_info(args: argparse.Namespace, method: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """What identifies the run besides the stream and settings (checked on resume)."""
+    return {
+        "label": method,
+        "model": args.model,
+        "preset": args.preset,
+        "engine": args.engine,
+        "corpus": args.corpus,
+        "overrides": overrides,
+        "dataset": args.dataset,
+    }
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Run ``encore-fast eval``; prints a summary table. Returns the exit status."""
+    try:
+        overrides = parse_overrides(args.overrides)
+        records = records_from_args(args)
+        settings = settings_from_args(args)
+        out = Path(args.out or Path("runs") / args.method)
+        run_sequential(
+            editor_factory(args, args.method, overrides),
+            records,
+            out,
+            num_edits=min(args.num_edits, len(records)),
+            batch_size=args.batch_size,
+            eval_every=args.eval_every,
+            settings=settings,
+            resume=args.resume,
+            run_info=run_info(args, args.method, overrides),
+            progress=not args.quiet,
+            make_plots=not args.no_plots,
+        )
+    except (DatasetError, RunConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"encore-fast eval: error: {exc}", file=sys.stderr)
+        return 2
+    print(markdown_table([summarize_run(load_run(out))]), end="")
+    print(f"results: {out / 'results.jsonl'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m encore_fast.eval.cli``)."""
+    parser = argparse.ArgumentParser(prog="encore-fast eval", description=__doc__.split("\n")[0])
+    add_eval_arguments(parser)
+    return run_eval(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

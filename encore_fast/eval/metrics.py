@@ -1,0 +1,339 @@
+"""Edit-quality metrics: CounterFact (ES, PS, NS, S, GE) and zsRE (top-1 token accuracy).
+
+All scoring is teacher-forced and batched: each (prompt, target) pair becomes
+``encode(prompt) + target_ids[:-1]`` (BOS included when the tokenizer adds one, the target
+with the leading-space convention of :func:`encore_fast.requests.target_token_ids`), the batch
+is padded on the right, one forward runs per batch, and only the rows at target positions are
+turned into log-probabilities.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from encore_fast.eval.datasets import EvalRecord
+from encore_fast.requests import encode, target_token_ids
+
+
+@dataclass
+class TargetScore:
+    """Per-token results for one (prompt, target) pair."""
+
+    log_probs: torch.Tensor  # [T] log P(target token t | prompt, target tokens < t)
+    correct: torch.Tensor  # [T] bool, argmax of the next-token logits == target token
+
+    @property
+    def mean_prob(self) -> float:
+        """Mean per-token probability of the target (the P the CounterFact metrics compare)."""
+        return self.log_probs.exp().mean().item()
+
+    @property
+    def accuracy(self) -> float:
+        """Share of target tokens predicted top-1 (zsRE's token accuracy)."""
+        return self.correct.float().mean().item()
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a parameterless module)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def pad_id(tokenizer: Any) -> int:
+    """Token used for right padding (masked out, so any valid id works)."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
+@torch.no_grad()
+def score_token_ids(
+    model: torch.nn.Module,
+    pairs: Sequence[tuple[list[int], list[int]]],
+    pad: int = 0,
+    batch_size: int = 16,
+) -> list[TargetScore]:
+    """Score (prompt ids, target ids) pairs; one forward per batch of pairs.
+
+    Pairs are grouped by length (less padding) and returned in input order.
+    """
+    for i, (prompt, target) in enumerate(pairs):
+        if not prompt or not target:
+            raise ValueError(f"pair #{i}: empty prompt or target token list")
+    device = model_device(model)
+    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+    out: list[TargetScore | None] = [None] * len(pairs)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        seqs = [pairs[i][0] + pairs[i][1][:-1] for i in chunk]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        rows, cols, tgts = [], [], []
+        for b, (i, seq) in enumerate(zip(chunk, seqs, strict=True)):
+            ids[b, : len(seq)] = torch.tensor(seq)
+            mask[b, : len(seq)] = 1
+            prompt, target = pairs[i]
+            for j, tok in enumerate(target):
+                rows.append(b)
+                cols.append(len(prompt) + j - 1)  # logits here predict target token j
+                tgts.append(tok)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        picked = logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+        picked = picked.float()
+        tgt = torch.tensor(tgts, device=device)
+        log_probs = picked.log_softmax(-1).gather(1, tgt[:, None]).squeeze(1).cpu()
+        correct = (picked.argmax(-1) == tgt).cpu()
+        pos = 0
+        for i in chunk:
+            n = len(pairs[i][1])
+            out[i] = TargetScore(log_probs[pos : pos + n], correct[pos : pos + n])
+            pos += n
+    return out  # type: ignore[return-value]
+
+
+def score_targets(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    batch_size: int = 16,
+) -> list[TargetScore]:
+    """Teacher-forced per-token log-probs and top-1 hits of ``targets`` after ``prompts``."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    pairs = [
+        (encode(tokenizer, p), target_token_ids(tokenizer, t))
+        for p, t in zip(prompts, targets, strict=True)
+    ]
+    return score_token_ids(model, pairs, pad_id(tokenizer), batch_size)
+
+
+def next_token_is(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    batch_size: int = 16,
+) -> list[bool]:
+    """Whether the model's top-1 next token after each prompt is its target's first token."""
+    pairs = [
+        (encode(tokenizer, p), target_token_ids(tokenizer, t)[:1])
+        for p, t in zip(prompts, targets, strict=True)
+    ]
+    scores = score_token_ids(model, pairs, pad_id(tokenizer), batch_size)
+    return [bool(s.correct[0]) for s in scores]
+
+
+def harmonic_mean(values: Sequence[float]) -> float:
+    """Harmonic mean; 0 when any value is 0 (ROME's score S)."""
+    if not values:
+        raise ValueError("harmonic mean of nothing")
+    if min(values) <= 0:
+        return 0.0
+    return len(values) / sum(1.0 / v for v in values)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+# --- CounterFact ---------------------------------------------------------------------------
+
+
+def counterfact_metrics(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    records: Sequence[EvalRecord],
+    batch_size: int = 16,
+    generation_tokens: int = 0,
+    generation_source: Literal["dataset", "rewrite"] = "dataset",
+) -> dict[str, float | int | None]:
+    """ES, PS, NS, their harmonic mean S, and optionally GE, over ``records``.
+
+    P(target) is the *mean per-token probability* of the target's tokens, teacher-forced (ROME
+    compares mean per-token NLL instead; the two can disagree on multi-token targets).
+    ES: share of rewrite prompts with P(new) > P(true); PS: the same on paraphrases;
+    NS: share of neighbourhood prompts with P(true) > P(new). Ties count as failures for both.
+    Each record's share is averaged over its prompts, then records are averaged (as ROME's
+    summary does); S is the harmonic mean of those of ES, PS, NS that exist.
+    GE (when ``generation_tokens`` > 0): see :func:`generation_entropy`; prompts come from the
+    records' ``generation_prompts`` (records without them are skipped) or, with
+    ``generation_source="rewrite"``, from each rewrite prompt (for data without them).
+    """
+    pairs: list[tuple[str, str]] = []
+    slots: list[tuple[int, str]] = []  # (record, group) for each scored prompt
+    for r, rec in enumerate(records):
+        new, true = rec.request.target_new, rec.request.ground_truth
+        if true is None:
+            raise ValueError(f"record #{rec.index}: CounterFact metrics need ground_truth")
+        neigh_true = rec.neighborhood_answer or true
+        groups = (
+            ("es", [rec.request.text], true),
+            ("ps", rec.paraphrase_prompts, true),
+            ("ns", rec.neighborhood_prompts, neigh_true),
+        )
+        for group, prompts, truth in groups:
+            for prompt in prompts:
+                pairs += [(prompt, new), (prompt, truth)]
+                slots.append((r, group))
+    scores = score_targets(
+        model, tokenizer, [p for p, _ in pairs], [t for _, t in pairs], batch_size
+    )
+    hits: dict[str, dict[int, list[bool]]] = {"es": {}, "ps": {}, "ns": {}}
+    for k, (r, group) in enumerate(slots):
+        p_new, p_true = scores[2 * k].mean_prob, scores[2 * k + 1].mean_prob
+        ok = p_new > p_true if group in ("es", "ps") else p_true > p_new
+        hits[group].setdefault(r, []).append(ok)
+    result: dict[str, float | int | None] = {"n_records": len(records)}
+    for group, per_record in hits.items():
+        result[group] = _mean([sum(h) / len(h) for h in per_record.values()])
+    present = [v for v in (result["es"], result["ps"], result["ns"]) if v is not None]
+    result["s"] = harmonic_mean(present) if present else None  # type: ignore[arg-type]
+    if generation_tokens > 0:
+        texts = []
+        for rec in records:
+            prompts = rec.generation_prompts
+            if generation_source == "rewrite":
+                prompts = [rec.request.text]
+            texts += [greedy_generate(model, tokenizer, p, generation_tokens) for p in prompts]
+        result["ge"] = generation_entropy(texts) if texts else None
+    return result
+
+
+# --- zsRE ----------------------------------------------------------------------------------
+
+
+def zsre_metrics(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    records: Sequence[EvalRecord],
+    batch_size: int = 16,
+) -> dict[str, float | int | None]:
+    """Teacher-forced top-1 token accuracy on rewrite, paraphrase and neighbourhood prompts.
+
+    As in MEND/MEMIT: for each target token, is the argmax of the next-token logits that token?
+    Rewrite and paraphrase prompts are scored against ``target_new``; neighbourhood prompts
+    against ``neighborhood_answer`` (zsRE's ``loc_ans``). Per record: mean over its prompts'
+    token accuracies; reported: mean over records.
+    """
+    pairs: list[tuple[str, str]] = []
+    slots: list[tuple[int, str]] = []
+    for r, rec in enumerate(records):
+        groups = (
+            ("rewrite_acc", [rec.request.text], rec.request.target_new),
+            ("paraphrase_acc", rec.paraphrase_prompts, rec.request.target_new),
+            ("neighborhood_acc", rec.neighborhood_prompts, rec.neighborhood_answer),
+        )
+        for group, prompts, target in groups:
+            if target is None:
+                continue
+            for prompt in prompts:
+                pairs.append((prompt, target))
+                slots.append((r, group))
+    scores = score_targets(
+        model, tokenizer, [p for p, _ in pairs], [t for _, t in pairs], batch_size
+    )
+    acc: dict[str, dict[int, list[float]]] = {
+        "rewrite_acc": {},
+        "paraphrase_acc": {},
+        "neighborhood_acc": {},
+    }
+    for (r, group), score in zip(slots, scores, strict=True):
+        acc[group].setdefault(r, []).append(score.accuracy)
+    result: dict[str, float | int | None] = {"n_records": len(records)}
+    for group, per_record in acc.items():
+        result[group] = _mean([sum(a) / len(a) for a in per_record.values()])
+    return result
+
+
+def evaluate_records(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    records: Sequence[EvalRecord],
+    batch_size: int = 16,
+    generation_tokens: int = 0,
+    generation_source: Literal["dataset", "rewrite"] = "dataset",
+) -> dict[str, float | int | None]:
+    """The metrics for ``records``' kind (all records must be of one kind)."""
+    kinds = {rec.kind for rec in records}
+    if len(kinds) > 1:
+        raise ValueError(f"records mix kinds {sorted(kinds)}; evaluate them separately")
+    if not records:
+        return {"n_records": 0}
+    if kinds == {"zsre"}:
+        return zsre_metrics(model, tokenizer, records, batch_size)
+    return counterfact_metrics(
+        model, tokenizer, records, batch_size, generation_tokens, generation_source
+    )
+
+
+# --- generation entropy --------------------------------------------------------------------
+
+NGRAM_ORDERS = (2, 3)
+NGRAM_WEIGHTS = (2 / 3, 4 / 3)  # ROME's n_gram_entropy: mean of w_n * H_n over n = 2, 3
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def ngram_entropy(text: str) -> float:
+    """ROME's generation entropy of one text: mean over n in (2, 3) of ``w_n * H_n``.
+
+    ``H_n`` is the entropy (bits) of the text's n-gram frequency distribution; weights
+    (2/3, 4/3) so the result is ``H_2/3 + 2*H_3/3``. Words are split by the regex
+    ``\\w+|[^\\w\\s]`` (ROME uses NLTK's word_tokenize; they differ on contractions and such).
+    A text too short for any n-gram of an order contributes 0 for that order.
+    """
+    words = _WORD.findall(text)
+    total = 0.0
+    for n, weight in zip(NGRAM_ORDERS, NGRAM_WEIGHTS, strict=True):
+        counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        size = sum(counts.values())
+        h = -sum(c / size * math.log2(c / size) for c in counts.values()) if size else 0.0
+        total += weight * h
+    return total / len(NGRAM_ORDERS)
+
+
+def generation_entropy(texts: Sequence[str]) -> float:
+    """Arithmetic mean of :func:`ngram_entropy` over texts (ROME's GE)."""
+    if not texts:
+        raise ValueError("generation entropy of no texts")
+    return sum(ngram_entropy(t) for t in texts) / len(texts)
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 100
+) -> str:
+    """Greedy continuation of ``prompt``; returns prompt + continuation, decoded.
+
+    HF models use their own ``generate`` (KV cache, stops at EOS); other modules get a plain
+    loop that re-runs the whole sequence. ROME samples top-5 for GE; greedy makes runs
+    reproducible, and is what this project reports.
+    """
+    device = model_device(model)
+    ids = torch.tensor([encode(tokenizer, prompt)], device=device)
+    if hasattr(model, "generate"):
+        ids = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id(tokenizer),
+        )
+    else:
+        eos = getattr(tokenizer, "eos_token_id", None)
+        for _ in range(max_new_tokens):
+            nxt = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1]
+            ids = torch.cat([ids, nxt.argmax(-1, keepdim=True)], dim=1)
+            if eos is not None and int(ids[0, -1]) == eos:
+                break
+    return tokenizer.decode(ids[0].tolist(), skip_special_tokens=True)

@@ -1,0 +1,401 @@
+"""Sequential (lifelong) editing runs: edit batch after batch, evaluate as the edits pile up.
+
+A run lives in one folder:
+
+* ``config.json`` -- what the run is (method, hyper-parameters, edit stream, settings);
+  a resumed run must match it exactly.
+* ``results.jsonl`` -- one JSON line per finished batch (``"type": "batch"``: the editor's
+  BatchReport: time, steps, norms) and per evaluation (``"type": "eval"``: metrics, perplexity,
+  known facts, norms). Lines are appended with flush + fsync; a torn last line is dropped on
+  resume.
+* ``edits-NNNNN.safetensors`` -- the editor's state after NNNNN batches (written to a temporary
+  file, then ``os.replace``-d, then the older one removed). Resuming builds a fresh editor,
+  loads the newest file and goes on with the next batch; finished batches are never redone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from encore_fast.eval.datasets import EvalRecord
+from encore_fast.eval.degradation import (
+    known_fact_hits,
+    load_known_facts,
+    perplexity,
+    perplexity_windows,
+)
+from encore_fast.eval.metrics import evaluate_records
+
+CONFIG_FILE = "config.json"
+RESULTS_FILE = "results.jsonl"
+_EDITS = re.compile(r"^edits-(\d{5,})\.safetensors$")
+
+
+class RunConfigError(RuntimeError):
+    """A run folder that cannot be (re)used: different config, or inconsistent files."""
+
+
+@dataclass
+class EvalSettings:
+    """What each evaluation measures, and how much of it (cheap defaults)."""
+
+    sample: int | None = None  # fixed random sample of the stream; None: every edited record
+    seed: int = 0  # seed of that sample
+    batch_size: int = 16  # prompts per forward pass
+    generation_tokens: int = 0  # > 0: greedy generations of this length for GE
+    generation_source: str = "dataset"  # "dataset" (generation_prompts) or "rewrite"
+    wikitext: str | None = None  # text file for perplexity; None: skip
+    ppl_tokens: int = 8192  # first tokens of it that are scored
+    ppl_window: int = 256  # non-overlapping window length
+    known_facts: str | None = None  # known_1000.json-style file; None: skip
+    known_n: int | None = 200  # first facts of it that are checked; None: all
+
+
+class Evaluator:
+    """Runs the evaluations of one run; data sets are prepared once and reused."""
+
+    def __init__(self, tokenizer: Any, stream: Sequence[EvalRecord], settings: EvalSettings):
+        self.tokenizer = tokenizer
+        self.stream = list(stream)
+        self.settings = settings
+        n = len(self.stream)
+        if settings.sample is not None and settings.sample < n:
+            self.sample = sorted(random.Random(settings.seed).sample(range(n), settings.sample))
+        else:
+            self.sample = list(range(n))
+        self.windows = None
+        if settings.wikitext:
+            text = Path(settings.wikitext).read_text(encoding="utf-8")
+            self.windows = perplexity_windows(
+                tokenizer, text, settings.ppl_tokens, settings.ppl_window
+            )
+        self.facts = (
+            load_known_facts(settings.known_facts, settings.known_n)
+            if settings.known_facts
+            else None
+        )
+        self.baseline_known: list[int] | None = None
+
+    def restore(self, lines: Sequence[Mapping[str, Any]]) -> None:
+        """Take the known-fact baseline from the first evaluation of an earlier session."""
+        for line in lines:
+            if line.get("type") == "eval" and line.get("known_correct") is not None:
+                self.baseline_known = list(line["known_correct"])
+                return
+
+    def records_at(self, edits_done: int) -> list[EvalRecord]:
+        """Records evaluated after ``edits_done`` edits: the sampled ones already edited
+        (before any edit: the whole sample, i.e. the unedited model's baseline)."""
+        if edits_done == 0:
+            return [self.stream[i] for i in self.sample]
+        return [self.stream[i] for i in self.sample if i < edits_done]
+
+    def __call__(self, model: Any, edits_done: int) -> dict[str, Any]:
+        s = self.settings
+        out: dict[str, Any] = {}
+        records = self.records_at(edits_done)
+        out["metrics"] = evaluate_records(
+            model,
+            self.tokenizer,
+            records,
+            s.batch_size,
+            s.generation_tokens,
+            s.generation_source,  # type: ignore[arg-type]
+        )
+        if self.windows is not None:
+            out["perplexity"] = perplexity(model, self.windows)
+        if self.facts is not None:
+            hits = known_fact_hits(model, self.tokenizer, self.facts, s.batch_size)
+            correct = [i for i, hit in enumerate(hits) if hit]
+            out["known_acc"] = len(correct) / len(hits) if hits else None
+            out["known_correct"] = correct
+            if self.baseline_known is None:
+                self.baseline_known = correct
+            kept = set(correct)
+            base = self.baseline_known
+            out["known_retained"] = sum(i in kept for i in base) / len(base) if base else None
+        return out
+
+
+def run_sequential(
+    editor: Any,
+    records: Sequence[EvalRecord],
+    out_dir: str | os.PathLike[str],
+    *,
+    num_edits: int | None = None,
+    batch_size: int = 100,
+    eval_every: int = 1,
+    settings: EvalSettings | None = None,
+    resume: bool = False,
+    run_info: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    make_plots: bool = True,
+) -> Path:
+    """Edit the first ``num_edits`` records in batches of ``batch_size``, one after another.
+
+    ``editor`` is an Editor, or a zero-argument factory returning a fresh one (needed to resume
+    in a new process). Evaluates before editing, after every ``eval_every`` batches
+    (0: only at the end) and after the last batch. ``run_info`` (e.g. model name) is stored in
+    the config and must match on resume. Returns the path of ``results.jsonl``.
+    """
+    settings = settings or EvalSettings()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(records) if num_edits is None else num_edits
+    if not 0 < n <= len(records):
+        raise ValueError(f"num_edits must be in 1..{len(records)}, got {n}")
+    if batch_size < 1 or eval_every < 0:
+        raise ValueError("batch_size must be >= 1 and eval_every >= 0")
+    stream = list(records[:n])
+    batches = [stream[i : i + batch_size] for i in range(0, n, batch_size)]
+    is_factory = isinstance(editor, type) or not hasattr(editor, "edit")
+    ed = editor() if is_factory else editor
+    config = _json_safe(
+        {
+            "method": getattr(ed, "method", None),
+            "hparams": getattr(ed, "hparams", None),
+            "num_edits": n,
+            "batch_size": batch_size,
+            "eval_every": eval_every,
+            "stream_sha256": _stream_hash(stream),
+            "settings": dataclasses.asdict(settings),
+            "run_info": dict(run_info or {}),
+        }
+    )
+    results = out / RESULTS_FILE
+    lines = _open_run(out, config, resume)
+
+    n_batch_lines = _check_batch_lines(lines)
+    n_saved = _load_newest_edits(ed, out)
+    if n_saved < n_batch_lines or n_saved > n_batch_lines + 1:
+        raise RunConfigError(
+            f"{out}: results.jsonl has {n_batch_lines} batches but the newest saved edits hold "
+            f"{n_saved}; the folder is inconsistent, start a new run"
+        )
+    if n_saved == n_batch_lines + 1:  # saved, then interrupted before the line was written
+        line = {"type": "batch", "batch": n_saved - 1, "recovered": True}
+        line["edits_done"] = sum(len(b) for b in batches[:n_saved])
+        line["weight_norms"] = ed.weight_norms()
+        append_jsonl(results, line)
+        lines.append(_json_safe(line))
+
+    evaluator = Evaluator(ed.tokenizer, stream, settings)
+    evaluator.restore(lines)
+    evaluated = {line["batches"] for line in lines if line.get("type") == "eval"}
+
+    def evaluate_if_due(done: int) -> dict[str, Any] | None:
+        due = done == 0 or done == len(batches) or (eval_every and done % eval_every == 0)
+        if not due or done in evaluated:
+            return None
+        start = time.perf_counter()
+        edits_done = sum(len(b) for b in batches[:done])
+        line = {"type": "eval", "batches": done, "edits_done": edits_done}
+        line.update(evaluator(ed.model, edits_done))
+        line["weight_norms"] = ed.weight_norms()
+        line["seconds"] = time.perf_counter() - start
+        append_jsonl(results, line)
+        evaluated.add(done)
+        return line
+
+    bar = tqdm(
+        total=len(batches),
+        initial=n_saved,
+        unit="batch",
+        disable=not progress,
+        desc=f"{config.get('method') or 'edit'} x{n}",
+    )
+    try:
+        _show(bar, evaluate_if_due(n_saved))
+        for b in range(n_saved, len(batches)):
+            start = time.perf_counter()
+            requests = [rec.request for rec in batches[b]]
+            reports = ed.edit(requests, batch_size=len(requests), progress=False)
+            wall = time.perf_counter() - start
+            _save_edits(ed, out, b + 1)
+            line = {"type": "batch", "batch": b}
+            line["edits_done"] = sum(len(x) for x in batches[: b + 1])
+            line["wall_seconds"] = wall
+            for report in reports:
+                line.update({k: v for k, v in _as_dict(report).items() if k not in line})
+            append_jsonl(results, line)
+            bar.update(1)
+            _show(bar, evaluate_if_due(b + 1))
+    finally:
+        bar.close()
+    if make_plots:
+        _plot(out)
+    return results
+
+
+# --- results file --------------------------------------------------------------------------
+
+
+def append_jsonl(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
+    """Append one JSON line and make it durable (flush + fsync) before returning."""
+    data = json.dumps(_json_safe(record), sort_keys=True) + "\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_results(path: str | os.PathLike[str], repair: bool = False) -> list[dict[str, Any]]:
+    """The lines of a results file. A torn last line (interrupted write) is ignored, and cut
+    from the file when ``repair``; a bad line anywhere else is an error."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    chunks = path.read_bytes().split(b"\n")  # the last chunk is what follows the last newline
+    last = max((i for i, c in enumerate(chunks) if c.strip()), default=-1)
+    lines, offset = [], 0
+    for i, chunk in enumerate(chunks):
+        try:
+            if chunk.strip():
+                if i == len(chunks) - 1:
+                    raise ValueError("no newline: the write never finished")
+                lines.append(json.loads(chunk))
+        except ValueError:
+            if i != last:
+                raise RunConfigError(f"{path}: line {i + 1} is not valid JSON") from None
+            if repair:
+                with open(path, "r+b") as fh:
+                    fh.truncate(offset)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            break
+        offset += len(chunk) + 1
+    return lines
+
+
+def _open_run(out: Path, config: dict[str, Any], resume: bool) -> list[dict[str, Any]]:
+    """Start a fresh run folder, or check the old config and read its results for resuming."""
+    cfg_path, results = out / CONFIG_FILE, out / RESULTS_FILE
+    if not cfg_path.exists():
+        if results.exists() or _edits_files(out):
+            raise RunConfigError(f"{out} holds results but no {CONFIG_FILE}; use a new folder")
+        _write_json_atomic(cfg_path, config)
+        return []
+    if not resume:
+        raise RunConfigError(
+            f"{out} already holds a run; resume it (resume=True / --resume) or pick another folder"
+        )
+    old = json.loads(cfg_path.read_text(encoding="utf-8"))
+    diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+    if diff:
+        details = "; ".join(f"{k}: was {old.get(k)!r}, now {config.get(k)!r}" for k in diff)
+        raise RunConfigError(f"cannot resume {out}: the run config differs ({details})")
+    return read_results(results, repair=True)
+
+
+def _check_batch_lines(lines: Sequence[Mapping[str, Any]]) -> int:
+    got = [line["batch"] for line in lines if line.get("type") == "batch"]
+    if got != list(range(len(got))):
+        raise RunConfigError(f"batch lines out of order or repeated: {got[:20]}")
+    return len(got)
+
+
+# --- saved edits ---------------------------------------------------------------------------
+
+
+def _edits_files(out: Path) -> dict[int, Path]:
+    found = {}
+    for path in out.iterdir():
+        match = _EDITS.match(path.name)
+        if match:
+            found[int(match.group(1))] = path
+    return found
+
+
+def _save_edits(editor: Any, out: Path, batches_done: int) -> None:
+    """Write the editor's state atomically, then drop older states."""
+    final = out / f"edits-{batches_done:05d}.safetensors"
+    tmp = out / f"edits-{batches_done:05d}.tmp.safetensors"
+    editor.save_edits(tmp)
+    os.replace(tmp, final)
+    for count, path in _edits_files(out).items():
+        if count != batches_done:
+            path.unlink(missing_ok=True)
+
+
+def _load_newest_edits(editor: Any, out: Path) -> int:
+    """Load the newest saved state into a still-unedited editor; return its batch count."""
+    for stale in out.glob("edits-*.tmp.safetensors"):  # a save that was interrupted
+        stale.unlink(missing_ok=True)
+    files = _edits_files(out)
+    if not files:
+        return 0
+    if getattr(editor, "num_batches", 0):
+        raise RunConfigError("resuming needs an unedited editor (pass a factory, not an editor)")
+    newest = max(files)
+    editor.load_edits(files[newest])
+    return newest
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _stream_hash(stream: Sequence[EvalRecord]) -> str:
+    text = json.dumps([_json_safe(rec) for rec in stream], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    return dict(vars(obj))
+
+
+def _json_safe(obj: Any) -> Any:
+    """Plain JSON types: dataclasses/objects -> dicts, tensors -> lists, keys -> str."""
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set):
+        return [_json_safe(v) for v in obj]
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if dataclasses.is_dataclass(obj) or hasattr(obj, "__dict__"):
+        return _json_safe(_as_dict(obj))
+    return str(obj)
+
+
+def _show(bar: Any, line: Mapping[str, Any] | None) -> None:
+    if not line:
+        return
+    shown = {k: v for k, v in line.get("metrics", {}).items() if isinstance(v, float)}
+    if "perplexity" in line:
+        shown["ppl"] = line["perplexity"]
+    bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+
+
+def _plot(out: Path) -> None:
+    try:
+        from encore_fast.eval.plots import plot_runs
+    except ImportError as exc:  # matplotlib is an optional dependency
+        warnings.warn(f"no plots ({exc}); install encore_fast[eval]", stacklevel=2)
+        return
+    plot_runs([out], out / "plots")

@@ -1,0 +1,132 @@
+"""Every architecture fact the editor needs, in one place.
+
+For each supported model family: where the decoder blocks are, which matrix is edited (the
+MLP output projection), whether its weight is stored transposed (GPT-2's Conv1D), and where the
+final norm and the LM head are. Anything else can be described by hand with :class:`ArchSpec`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Module paths (dotted, relative to the model) for one architecture.
+
+    ``mlp_out`` is relative to a decoder block. ``transposed`` means the edited weight is
+    stored as ``[d_in, d_out]`` (``W_stored = Wᵀ``), as GPT-2's ``Conv1D`` does.
+    """
+
+    blocks: str
+    mlp_out: str
+    final_norm: str
+    lm_head: str
+    transposed: bool = False
+
+
+_LLAMA = ArchSpec("model.layers", "mlp.down_proj", "model.norm", "lm_head")
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": _LLAMA,
+    "phi3": ArchSpec("model.layers", "mlp.down_proj", "model.norm", "lm_head"),
+    "gpt2": ArchSpec("transformer.h", "mlp.c_proj", "transformer.ln_f", "lm_head", True),
+    "gptj": ArchSpec("transformer.h", "mlp.fc_out", "transformer.ln_f", "lm_head"),
+    "gpt_neox": ArchSpec("gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm",
+                         "embed_out"),
+}
+
+
+def detect_arch(model: nn.Module) -> ArchSpec:
+    """The :class:`ArchSpec` for ``model``, from its config's ``model_type``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    raise ValueError(
+        f"unknown architecture {model_type!r} ({type(model).__name__}); supported: "
+        f"{', '.join(sorted(ARCHITECTURES))}. Pass arch=ArchSpec(blocks=..., mlp_out=..., "
+        "final_norm=..., lm_head=..., transposed=...) to describe it."
+    )
+
+
+class ModelView:
+    """A model seen through its :class:`ArchSpec`: blocks, edited weights, norm and head."""
+
+    def __init__(self, model: nn.Module, arch: ArchSpec | None = None) -> None:
+        self.model = model
+        self.arch = arch or detect_arch(model)
+        try:
+            blocks = model.get_submodule(self.arch.blocks)
+            self.final_norm = model.get_submodule(self.arch.final_norm)
+            self.lm_head = model.get_submodule(self.arch.lm_head)
+        except AttributeError as exc:
+            raise ValueError(
+                f"model {type(model).__name__} does not match {self.arch}: {exc}") from exc
+        self.blocks = list(blocks)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    def block_name(self, layer: int) -> str:
+        return f"{self.arch.blocks}.{layer}"
+
+    def mlp_out(self, layer: int) -> nn.Module:
+        """The edited module (MLP output projection) of ``layer``."""
+        self._check_layer(layer)
+        return self.blocks[layer].get_submodule(self.arch.mlp_out)
+
+    def weight(self, layer: int) -> torch.Tensor:
+        """The edited weight as stored (``[d_out, d_in]``, or ``[d_in, d_out]`` if transposed)."""
+        return self.mlp_out(layer).weight
+
+    def weight_out_in(self, layer: int) -> torch.Tensor:
+        """The edited weight as a ``[d_out, d_in]`` view (no copy)."""
+        w = self.weight(layer)
+        return w.t() if self.arch.transposed else w
+
+    def d_in(self, layer: int) -> int:
+        return self.weight_out_in(layer).shape[1]
+
+    @property
+    def d_model(self) -> int:
+        return self.weight_out_in(0).shape[0]
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < len(self.blocks):
+            raise ValueError(f"layer {layer} out of range: the model has {len(self.blocks)} blocks")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def block_hidden(output: object) -> torch.Tensor:
+    """The hidden-state tensor of a decoder block's output (a tensor, or a tuple/list)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    hidden = getattr(output, "last_hidden_state", None)
+    if isinstance(hidden, torch.Tensor):
+        return hidden
+    raise TypeError(f"cannot find the hidden states in a block output of type {type(output)}")
+
+
+def replace_block_hidden(output: object, hidden: torch.Tensor) -> object:
+    """Return ``output`` with its hidden states replaced (same container type)."""
+    if isinstance(output, torch.Tensor):
+        return hidden
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    if isinstance(output, list):
+        return [hidden, *output[1:]]
+    raise TypeError(f"cannot replace the hidden states in a block output of type {type(output)}")

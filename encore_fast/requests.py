@@ -1,0 +1,167 @@
+"""Edit requests: the request type, validation, and where the subject sits in the tokens.
+
+A request rewrites one fact: ``prompt`` (a ``{}`` template, or plain text that contains the
+subject), ``subject`` and ``target_new``. Everything that can be wrong with a request is checked
+here, before any weight changes, and reported with the request it came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+class RequestError(ValueError):
+    """A request that cannot be edited; the message names the request and the problem."""
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact rewrite: ``prompt`` + ``subject`` -> ``target_new``.
+
+    ``prompt`` is either a template with ``{}`` where the subject goes, or plain text that
+    contains ``subject`` (its first occurrence is the one edited). ``target_new`` is the text the
+    model should continue with; a leading space is added when it has none (the convention of the
+    published code, right for BPE tokenizers that mark word starts).
+    """
+
+    prompt: str
+    subject: str
+    target_new: str
+    ground_truth: str | None = None
+    case_id: int | str | None = None
+
+    @property
+    def template(self) -> str:
+        """The prompt as a ``{}`` template (the subject's first occurrence replaced by ``{}``)."""
+        if "{}" in self.prompt:
+            return self.prompt
+        pos = self.prompt.find(self.subject) if self.subject else -1
+        if pos < 0:
+            return self.prompt
+        return self.prompt[:pos] + "{}" + self.prompt[pos + len(self.subject) :]
+
+    @property
+    def text(self) -> str:
+        """The prompt with the subject filled in."""
+        return self.template.replace("{}", self.subject, 1)
+
+    @property
+    def target_text(self) -> str:
+        """The target as it is appended to the prompt (with a leading space)."""
+        return target_with_space(self.target_new)
+
+    def describe(self) -> str:
+        """A short label for error messages and logs."""
+        tag = f"case {self.case_id}" if self.case_id is not None else "request"
+        return f"{tag} ({self.text!r} -> {self.target_new!r})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> EditRequest:
+        """Build a request from a dict in our layout, EasyEdit's or ROME's ``requested_rewrite``."""
+        rec: Mapping[str, Any] = record
+        case_id = record.get("case_id")
+        if "requested_rewrite" in record:
+            rec = record["requested_rewrite"]
+        try:
+            prompt = rec["prompt"]
+            subject = rec["subject"]
+            target = rec.get("target_new")
+            if target is None:
+                raise KeyError("target_new")
+        except KeyError as exc:
+            raise RequestError(f"record {dict(record)!r}: missing field {exc}") from None
+        truth = rec.get("ground_truth", rec.get("target_true"))
+        return cls(
+            prompt=str(prompt),
+            subject=str(subject),
+            target_new=_unwrap(target),
+            ground_truth=None if truth is None else _unwrap(truth),
+            case_id=case_id if case_id is not None else rec.get("case_id"),
+        )
+
+
+def _unwrap(value: Any) -> str:
+    """ROME stores targets as ``{"str": ..., "id": ...}``; accept both that and plain strings."""
+    if isinstance(value, Mapping):
+        return str(value["str"])
+    return str(value)
+
+
+def target_with_space(target: str) -> str:
+    """Prefix a space unless the target already starts with whitespace."""
+    return target if target[:1].isspace() else " " + target
+
+
+def as_requests(items: Iterable[EditRequest | Mapping[str, Any]]) -> list[EditRequest]:
+    """Accept requests or dicts (any supported layout) and return a list of requests."""
+    out = []
+    for item in items:
+        out.append(item if isinstance(item, EditRequest) else EditRequest.from_dict(item))
+    return out
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` as the model sees it at the start of a sequence (with BOS if any)."""
+    return list(tokenizer(text)["input_ids"])
+
+
+def target_token_ids(tokenizer: Any, target: str) -> list[int]:
+    """Token ids of a continuation (no BOS/special tokens), with the leading-space convention."""
+    return list(tokenizer(target_with_space(target), add_special_tokens=False)["input_ids"])
+
+
+def subject_last_index(tokenizer: Any, template: str, subject: str) -> int:
+    """Index of the last subject token in ``template.format(subject)`` tokenised with BOS.
+
+    Uses the tokenizer's character offsets when it has them (robust to merges across the
+    subject's end); otherwise tokenises the text up to the end of the subject, as the
+    published MEMIT code does.
+    """
+    if "{}" not in template:
+        raise RequestError(f"template {template!r} has no '{{}}' for subject {subject!r}")
+    prefix = template[: template.index("{}")]
+    text = template.replace("{}", subject, 1)
+    end_char = len(prefix) + len(subject)  # exclusive
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, return_offsets_mapping=True)
+        last = -1
+        for i, (start, stop) in enumerate(enc["offset_mapping"]):
+            if stop > start and start < end_char:
+                last = i
+        if last >= 0:
+            return last
+    return len(encode(tokenizer, prefix + subject)) - 1
+
+
+def validate_requests(
+    requests: Sequence[EditRequest], tokenizer: Any, max_length: int | None = None
+) -> None:
+    """Raise :class:`RequestError` for the first unusable request; change nothing.
+
+    Checks: non-empty subject and target, the subject is in the prompt, and the longest
+    prompt the editor builds (context prefix + prompt + target) fits ``max_length`` tokens.
+    """
+    for i, req in enumerate(requests):
+        label = f"request #{i} {req.describe()}"
+        if not isinstance(req, EditRequest):
+            raise RequestError(f"request #{i}: expected an EditRequest, got {type(req).__name__}")
+        if not req.subject or not req.subject.strip():
+            raise RequestError(f"{label}: the subject is empty")
+        if not req.target_new or not req.target_new.strip():
+            raise RequestError(f"{label}: the target is empty")
+        if req.prompt.count("{}") > 1:
+            raise RequestError(f"{label}: the prompt has more than one '{{}}' placeholder")
+        if "{}" not in req.prompt and req.subject not in req.prompt:
+            raise RequestError(f"{label}: the subject {req.subject!r} is not in the prompt")
+        if tokenizer is not None and max_length is not None:
+            n = len(encode(tokenizer, req.text)) + len(target_token_ids(tokenizer, req.target_new))
+            if n > max_length:
+                raise RequestError(
+                    f"{label}: prompt + target is {n} tokens, longer than the "
+                    f"{max_length} the editor allows for this model"
+                )

@@ -1,0 +1,296 @@
+"""Key statistics ``C0 = E[k kᵀ]`` per edited layer, with an on-disk cache.
+
+All edited layers are collected in one forward pass that stops after the last edited layer.
+Padding is excluded, accumulation is fp32 through the covariance kernel. The cache (safetensors)
+is keyed by model fingerprint, layer, corpus and sample count, written atomically, and an
+interrupted computation resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from encore_fast.models.arch import ModelView
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early (nothing after it is needed)."""
+
+
+class StatsCacheError(RuntimeError):
+    """A statistics cache file that does not belong to this model, layer or corpus."""
+
+
+@contextlib.contextmanager
+def capture_mlp_inputs(view: ModelView, layers: Iterable[int], stop_after: int | None = None
+                       ) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the input of each edited matrix (the keys) during a forward pass.
+
+    Yields a dict filled by the hooks: layer -> ``[batch, seq, d_in]``. If ``stop_after`` is
+    given, the forward pass is cut off (``StopForward``) once that block has run.
+    """
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer in layers:
+        def pre_hook(_mod: Any, args: tuple, layer: int = layer) -> None:
+            captured[layer] = args[0]
+        handles.append(view.mlp_out(layer).register_forward_pre_hook(pre_hook))
+    if stop_after is not None:
+        def stop_hook(_mod: Any, _args: Any, _out: Any) -> None:
+            raise StopForward
+        handles.append(view.blocks[stop_after].register_forward_hook(stop_hook))
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_until(model: torch.nn.Module, **inputs: Any) -> None:
+    """Run ``model(**inputs)``, swallowing the :class:`StopForward` of an early-exit hook."""
+    with contextlib.suppress(StopForward):
+        model(**inputs)
+
+
+# ----------------------------------------------------------------------------- corpora
+
+def load_corpus(corpus: Any, n_samples: int) -> tuple[list[str], str]:
+    """The first ``n_samples`` texts of ``corpus`` and a short id for cache keys.
+
+    ``corpus``: an iterable of strings; a ``.txt`` file (one text per non-empty line, WikiText
+    headings skipped); a ``.json``/``.jsonl`` file of records with a ``text`` field; or, when
+    online, a Hugging Face dataset name (``"name"`` or ``"name:config"``, needs ``datasets``).
+    """
+    if isinstance(corpus, (str, os.PathLike)) and Path(corpus).exists():
+        path = Path(corpus)
+        texts = list(itertools.islice(_texts_from_file(path), n_samples))
+        label = path.stem
+    elif isinstance(corpus, str):
+        texts = list(itertools.islice(_texts_from_hub(corpus), n_samples))
+        label = corpus.replace("/", "_").replace(":", "_")
+    else:
+        texts = [str(t) for t in itertools.islice(iter(corpus), n_samples)]
+        label = "texts"
+    if not texts:
+        raise ValueError(f"corpus {corpus!r} has no usable text")
+    digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:12]
+    return texts, f"{label}-{digest}"
+
+
+def _texts_from_file(path: Path) -> Iterator[str]:
+    if path.suffix in (".json", ".jsonl"):
+        with path.open() as f:
+            if path.suffix == ".json":
+                records = json.load(f)
+            else:
+                records = (json.loads(line) for line in f if line.strip())
+            for rec in records:
+                text = rec["text"] if isinstance(rec, dict) else str(rec)
+                if text.strip():
+                    yield text.strip()
+        return
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line and not (line.startswith("=") and line.endswith("=")):
+                yield line
+
+
+def _texts_from_hub(name: str) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(
+            f"corpus {name!r} is neither a file nor an iterable, and the 'datasets' package "
+            "needed to download it is not installed"
+        ) from None
+    ds_name, _, config = name.partition(":")
+    ds = datasets.load_dataset(ds_name, config or None, split="train", streaming=True)
+    for rec in ds:
+        text = rec.get("text", "")
+        if text and text.strip():
+            yield text.strip()
+
+
+# ----------------------------------------------------------------------------- computation
+
+@torch.no_grad()
+def accumulate_second_moments(
+    view: ModelView,
+    tokenizer: Any,
+    layers: list[int],
+    texts: list[str],
+    *,
+    max_length: int = 256,
+    batch_size: int = 8,
+    state: dict[str, Any] | None = None,
+    checkpoint: Any = None,
+    checkpoint_every: int = 50,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Sum ``k kᵀ`` over all non-padding tokens of ``texts`` for every layer in one pass.
+
+    Returns a state dict ``{"sums": {layer: fp32 [d,d] (upper triangle valid)}, "tokens": int,
+    "texts_done": int}``. ``state`` continues an earlier partial run; ``checkpoint(state)`` is
+    called every ``checkpoint_every`` batches so an interrupted run can resume.
+    """
+    from encore_fast.kernels import covariance_update_
+
+    device = view.device
+    if state is None:
+        state = {
+            "sums": {l: torch.zeros(view.d_in(l), view.d_in(l), device=device) for l in layers},
+            "tokens": 0,
+            "texts_done": 0,
+        }
+    state["sums"] = {l: s.to(device) for l, s in state["sums"].items()}
+    start = state["texts_done"]
+    n_batches = (len(texts) - start + batch_size - 1) // batch_size
+    bar = tqdm(total=len(texts), initial=start, desc="C0 statistics", unit="text",
+               disable=not progress)
+    with capture_mlp_inputs(view, layers, stop_after=max(layers)) as keys:
+        for b in range(n_batches):
+            chunk = texts[start + b * batch_size : start + (b + 1) * batch_size]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_length).to(device)
+            run_until(view.model, input_ids=enc["input_ids"],
+                      attention_mask=enc["attention_mask"])
+            mask = enc["attention_mask"]
+            for layer in layers:
+                covariance_update_(state["sums"][layer], keys[layer], mask=mask, mirror=False)
+            state["tokens"] += int(mask.sum())
+            state["texts_done"] += len(chunk)
+            bar.update(len(chunk))
+            if checkpoint is not None and (b + 1) % checkpoint_every == 0:
+                checkpoint(state)
+    bar.close()
+    return state
+
+
+def finalize(state: dict[str, Any]) -> dict[int, torch.Tensor]:
+    """``C0 = sum / tokens`` per layer, mirrored to a full symmetric matrix."""
+    from encore_fast.kernels import mirror_upper_
+
+    out = {}
+    for layer, s in state["sums"].items():
+        c = mirror_upper_(s.clone()) / max(1, state["tokens"])
+        out[layer] = c
+    return out
+
+
+# ----------------------------------------------------------------------------- cache
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def _read_meta(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def second_moments(
+    view: ModelView,
+    tokenizer: Any,
+    layers: list[int],
+    corpus: Any,
+    *,
+    n_samples: int,
+    max_length: int,
+    fingerprint: str,
+    model_name: str = "model",
+    cache: str | os.PathLike | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[int, torch.Tensor]:
+    """``C0`` for ``layers``, from the cache when present, else computed and cached.
+
+    ``cache=None`` uses ``<cache_dir>/stats``; pass ``cache=False`` to disable caching. A cache
+    file whose recorded model fingerprint, layer or shape does not match is refused.
+    """
+    texts, corpus_id = load_corpus(corpus, n_samples)
+    n_used = len(texts)
+    if cache is False:
+        state = accumulate_second_moments(view, tokenizer, layers, texts, max_length=max_length,
+                                          batch_size=batch_size, progress=progress)
+        return finalize(state)
+    from encore_fast.models.loading import cache_dir
+
+    root = Path(cache) if cache is not None else cache_dir() / "stats"
+    safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)[-60:]
+    folder = root / safe_name / f"{corpus_id}-n{n_used}-len{max_length}"
+    files = {layer: folder / f"layer{layer}.safetensors" for layer in layers}
+    result: dict[int, torch.Tensor] = {}
+    for layer, path in files.items():
+        if path.exists():
+            result[layer] = _load_checked(path, layer, fingerprint, view.d_in(layer))
+    missing = [layer for layer in layers if layer not in result]
+    if not missing:
+        return {layer: result[layer].to(view.device) for layer in layers}
+
+    partial = folder / ("partial-" + "-".join(map(str, missing)) + ".safetensors")
+    state = None
+    if partial.exists():
+        state = _load_partial(partial, missing, fingerprint)
+
+    def checkpoint(st: dict[str, Any]) -> None:
+        tensors = {f"sum.{l}": s for l, s in st["sums"].items()}
+        _atomic_save(tensors, partial, {"fingerprint": fingerprint, "tokens": str(st["tokens"]),
+                                        "texts_done": str(st["texts_done"])})
+
+    state = accumulate_second_moments(view, tokenizer, missing, texts, max_length=max_length,
+                                      batch_size=batch_size, state=state, checkpoint=checkpoint,
+                                      progress=progress)
+    for layer, c0 in finalize(state).items():
+        meta = {"fingerprint": fingerprint, "layer": str(layer), "corpus": corpus_id,
+                "n_samples": str(n_used), "max_length": str(max_length),
+                "tokens": str(state["tokens"]), "model": model_name}
+        _atomic_save({"C0": c0}, files[layer], meta)
+        result[layer] = c0
+    partial.unlink(missing_ok=True)
+    return {layer: result[layer].to(view.device) for layer in layers}
+
+
+def _load_checked(path: Path, layer: int, fingerprint: str, d_in: int) -> torch.Tensor:
+    meta = _read_meta(path)
+    if meta.get("fingerprint") != fingerprint:
+        raise StatsCacheError(
+            f"statistics cache {path} was computed for another model (fingerprint "
+            f"{meta.get('fingerprint', '?')[:12]}, this model is {fingerprint[:12]}); "
+            "delete it or choose another cache directory"
+        )
+    c0 = load_file(str(path))["C0"]
+    if meta.get("layer") != str(layer) or tuple(c0.shape) != (d_in, d_in):
+        raise StatsCacheError(
+            f"statistics cache {path} holds layer {meta.get('layer')} with shape "
+            f"{tuple(c0.shape)}, expected layer {layer} with shape ({d_in}, {d_in})"
+        )
+    return c0
+
+
+def _load_partial(path: Path, layers: list[int], fingerprint: str) -> dict[str, Any] | None:
+    meta = _read_meta(path)
+    if meta.get("fingerprint") != fingerprint:
+        raise StatsCacheError(f"partial statistics {path} belong to another model; delete it")
+    tensors = load_file(str(path))
+    return {
+        "sums": {l: tensors[f"sum.{l}"] for l in layers},
+        "tokens": int(meta["tokens"]),
+        "texts_done": int(meta["texts_done"]),
+    }

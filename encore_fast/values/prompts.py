@@ -1,0 +1,75 @@
+"""Token-level layout of the prompts used to optimise one request's value vector.
+
+Per request: the rewrite prompts (each context template filled with the request's prompt, then
+the target tokens but the last one) and the KL prompt ``"{subject} is a"``. For each prompt we
+record where the last subject token is (where δ is added) and, for rewrite prompts, which
+positions predict which target token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from encore_fast.requests import EditRequest, encode, subject_last_index, target_token_ids
+from encore_fast.values.templates import fill
+
+KL_PROMPTS = ("{} is a",)
+
+
+@dataclass
+class ValuePrompts:
+    """The prompts of one request: ``n_rewrite`` rewrite prompts followed by the KL prompts."""
+
+    input_ids: list[list[int]]
+    lookup: list[int]  # last-subject-token index per prompt
+    target_ids: list[int]
+    target_start: list[int]  # per rewrite prompt: the position whose logits predict target[0]
+    n_rewrite: int
+
+    @property
+    def n_prompts(self) -> int:
+        return len(self.input_ids)
+
+
+def build_value_prompts(
+    tokenizer: Any, request: EditRequest, contexts: Sequence[str]
+) -> ValuePrompts:
+    """Tokenise the rewrite and KL prompts of ``request`` for the given context templates.
+
+    The target tokens are appended as ids (not decoded and re-tokenised), so the positions the
+    loss reads hold exactly the target's tokens.
+    """
+    target_ids = target_token_ids(tokenizer, request.target_new)
+    input_ids, lookup, starts = [], [], []
+    for ctx in contexts:
+        template = fill(ctx, request.template)
+        prompt_ids = encode(tokenizer, template.replace("{}", request.subject, 1))
+        lookup.append(subject_last_index(tokenizer, template, request.subject))
+        starts.append(len(prompt_ids) - 1)
+        input_ids.append(prompt_ids + target_ids[:-1])
+    for kl in KL_PROMPTS:
+        input_ids.append(encode(tokenizer, kl.replace("{}", request.subject, 1)))
+        lookup.append(subject_last_index(tokenizer, kl, request.subject))
+    return ValuePrompts(input_ids, lookup, target_ids, starts, len(contexts))
+
+
+def pad_batch(
+    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into ``(input_ids, attention_mask)``."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    pid = tokenizer.pad_token_id
+    return int(pid if pid is not None else (tokenizer.eos_token_id or 0))

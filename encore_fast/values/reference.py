@@ -1,0 +1,126 @@
+"""Reference value optimisation: one request at a time, the whole model each step.
+
+This follows the published MEMIT/ENCORE code step by step (DESIGN.md §2.2-2.3): a free vector δ
+is added to the output of block ``layer`` at the last subject token of every prompt, the full
+model runs, full-vocabulary logits are formed, and Adam optimises δ. It is slow on purpose: it is
+the yardstick the fast engine is tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from encore_fast.config import EditConfig
+from encore_fast.models.arch import ModelView, block_hidden, replace_block_hidden
+from encore_fast.values.objective import MPES, clamp_, prompts_correct, value_loss
+from encore_fast.values.prompts import ValuePrompts, pad_batch, pad_id_of
+
+
+@dataclass
+class ValueResult:
+    """Outcome of optimising one request's value: ``z = h0 + δ``."""
+
+    z: torch.Tensor
+    h0: torch.Tensor
+    steps: int  # forward passes (loss evaluations)
+    updates: int  # optimiser updates applied
+    mpes_stopped: bool
+    loss_history: list[float] = field(default_factory=list)
+    correct_history: list[bool] = field(default_factory=list)  # all prefixed prompts top-1
+
+
+def optimize_value(
+    view: ModelView, tokenizer: Any, prompts: ValuePrompts, layer: int, cfg: EditConfig
+) -> ValueResult:
+    """Optimise δ for one request and return its target value ``z`` (fp32, ``[d_model]``)."""
+    device = view.device
+    ids, attn = pad_batch(prompts.input_ids, pad_id_of(tokenizer), device)
+    lookup = torch.tensor(prompts.lookup, device=device)
+    rows = torch.arange(len(prompts.input_ids), device=device)
+    n_rw, t = prompts.n_rewrite, len(prompts.target_ids)
+    positions = torch.tensor(prompts.target_start, device=device)[:, None] + torch.arange(
+        t, device=device)
+    targets = torch.tensor(prompts.target_ids, device=device).expand(n_rw, t)
+    tmask = torch.ones(n_rw, t, device=device)
+
+    delta = torch.zeros(view.d_model, device=device, requires_grad=True)
+    state: dict[str, torch.Tensor] = {}
+
+    def hook(_mod: Any, _args: Any, output: Any) -> Any:
+        hidden = block_hidden(output)
+        if "h0" not in state:
+            state["h0"] = hidden[0, lookup[0]].detach().float().clone()
+        add = torch.zeros_like(hidden).index_put((rows, lookup), delta.to(hidden.dtype).expand(
+            len(rows), -1))
+        return replace_block_hidden(output, hidden + add)
+
+    opt = torch.optim.Adam([delta], lr=cfg.v_lr)
+    mpes = MPES(cfg.mpes_extra_steps)
+    history: list[float] = []
+    correct_hist: list[bool] = []
+    kl_init = None
+    updates, stopped = 0, False
+    for p in view.model.parameters():
+        p.requires_grad_(False)
+    handle = view.blocks[layer].register_forward_hook(hook)
+    try:
+        for it in range(cfg.v_num_grad_steps):
+            opt.zero_grad()
+            logits = view.model(input_ids=ids, attention_mask=attn).logits.float()
+            log_probs = torch.log_softmax(logits[:n_rw], dim=-1)
+            rw_rows = torch.arange(n_rw, device=device)[:, None]
+            target_logp = log_probs[rw_rows, positions].gather(-1, targets[..., None])[..., 0]
+            kl_logp = torch.log_softmax(logits[n_rw:][torch.arange(
+                len(rows) - n_rw, device=device), lookup[n_rw:]], dim=-1)
+            if kl_init is None:
+                kl_init = kl_logp.detach().clone()
+            h0 = state["h0"]
+            loss, _ = value_loss(
+                target_logp[None], tmask[None], kl_logp[:1], kl_init[:1], delta[None],
+                h0.norm()[None], torch.tensor([float(t)], device=device),
+                kl_factor=cfg.kl_factor, weight_decay=cfg.v_weight_decay,
+            )
+            loss = loss[0]
+            history.append(float(loss.detach()))
+            pred = logits[rw_rows, positions].argmax(-1)
+            all_correct = bool(prompts_correct(pred[1:], targets[1:], tmask[1:]).all())
+            correct_hist.append(all_correct)
+            if mpes.update(all_correct):
+                stopped = True
+                break
+            if history[-1] < cfg.loss_cutoff or it == cfg.v_num_grad_steps - 1:
+                break
+            loss.backward()
+            opt.step()
+            updates += 1
+            with torch.no_grad():
+                clamp_(delta[None], cfg.clamp_norm_factor * h0.norm()[None])
+    finally:
+        handle.remove()
+    h0 = state["h0"]
+    return ValueResult(
+        z=(h0 + delta.detach()).float(), h0=h0, steps=len(history), updates=updates,
+        mpes_stopped=stopped, loss_history=history,
+        correct_history=correct_hist,
+    )
+
+
+def optimize_values(
+    view: ModelView,
+    tokenizer: Any,
+    prompts: Sequence[ValuePrompts],
+    layer: int,
+    cfg: EditConfig,
+    progress: Any = None,
+) -> list[ValueResult]:
+    """Reference engine: optimise each request on its own, in order."""
+    out = []
+    for p in prompts:
+        out.append(optimize_value(view, tokenizer, p, layer, cfg))
+        if progress is not None:
+            progress.update(1)
+    return out

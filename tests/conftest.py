@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random models built from configs, the bundled tokenizer and model,
+and the real data folder (../shared/data)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from encore_fast.models import bundled_model_dir, load_model
+from encore_fast.paths import default_data_dir
+
+TINY = dict(hidden=64, inter=96, layers=6, heads=4)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    d = default_data_dir()
+    if d is None:
+        pytest.skip("no ../shared/data folder")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from encore_fast.models import prepare_tokenizer
+
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(bundled_model_dir()))
+
+
+def _tiny(kind: str, vocab: int) -> torch.nn.Module:
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=TINY["hidden"],
+                          intermediate_size=TINY["inter"], num_hidden_layers=TINY["layers"],
+                          num_attention_heads=TINY["heads"], num_key_value_heads=2,
+                          max_position_embeddings=256, tie_word_embeddings=False)
+        model = LlamaForCausalLM(cfg)
+    elif kind == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab, n_embd=TINY["hidden"], n_inner=TINY["inter"],
+                         n_layer=TINY["layers"], n_head=TINY["heads"], n_positions=256,
+                         bos_token_id=0, eos_token_id=0)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(kind)
+    model.config.name_or_path = f"tiny-{kind}"
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tokenizer) -> dict[str, torch.nn.Module]:
+    return {k: _tiny(k, len(tokenizer)) for k in ("llama", "gpt2")}
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def tiny(request, tiny_models) -> torch.nn.Module:
+    """A fresh copy of a tiny random model (tests may edit it)."""
+    return copy.deepcopy(tiny_models[request.param])
+
+
+@pytest.fixture(scope="session")
+def corpus(data_dir) -> list[str]:
+    lines = (data_dir / "wikitext-2" / "valid.txt").read_text().splitlines()
+    texts = [t.strip() for t in lines if t.strip() and not t.strip().startswith("=")]
+    return texts[:40]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real bundled model (SmolLM2-135M-Instruct), loaded once."""
+    return load_model()
