@@ -99,7 +99,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "alphaedit": dict(_GPT2XL, alpha=10.0, null_space_threshold=2e-2),
     },
     "smollm2-135m": {
-        "encore": dict(_SMOLLM2, lambda_n=2.0, mpes_extra_steps=1),
+        "encore": dict(_SMOLLM2, lambda_n=2.0, mpes_extra_steps=2),
         "memit": dict(_SMOLLM2, lambda_p=150.0),
         "alphaedit": dict(_SMOLLM2, alpha=1.0, null_space_threshold=2e-2),
     },

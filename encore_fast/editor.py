@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from encore_fast.config import EditConfig, guess_preset, make_config
 from encore_fast.kernels import apply_lowrank_update_
 from encore_fast.methods import LayerState, get_rule
+from encore_fast.methods.solver import WoodburySolver
 from encore_fast.models.arch import ArchSpec, ModelView
 from encore_fast.models.fingerprint import model_fingerprint
 from encore_fast.models.loading import load_model, prepare_tokenizer
@@ -73,7 +74,9 @@ class Editor:
         method: ``"encore"`` (default), ``"memit"``, ``"memit-seq"`` or ``"alphaedit"``.
         preset: ``"auto"`` (from the model's name), a name in ``config.PRESETS``, or None for
             generic Llama3-8B settings at the same relative depth.
-        engine: ``"reference"`` (one request at a time, as the published code) or ``"fast"``.
+        engine: ``"fast"`` (default: batched values, prefix reuse, Woodbury solves) or
+            ``"reference"`` (one request at a time, full model, direct float64 solves, as the
+            published code); both compute the same edits.
         corpus: text for ``C0`` (iterable of strings, file, or dataset name); default WikiText-2
             from the data folder, else text sampled from the model itself.
         stats: precomputed ``{layer: C0}`` (skips the corpus).
@@ -89,7 +92,7 @@ class Editor:
         method: str = "encore",
         preset: str | None = "auto",
         *,
-        engine: str = "reference",
+        engine: str = "fast",
         corpus: Any = None,
         stats: Mapping[int, torch.Tensor] | None = None,
         stats_cache: str | os.PathLike | bool | None = None,
@@ -120,6 +123,7 @@ class Editor:
         self._contexts: list[str] | None = None
         self._original = {l: self.view.weight(l).detach().clone() for l in self.hparams.layers}
         self._history: list[_Batch] = []
+        self._solvers: dict[int, WoodburySolver] = {}
 
     @classmethod
     def from_pretrained(
@@ -254,10 +258,16 @@ class Editor:
             cur = compute_block_outputs(view, self.tokenizer, reqs, z_layer)
             resid = (zs - cur) / (len(cfg.layers) - i)
             k64 = keys.T.double()
-            v = self.rule.solve(k64, resid.T.double(), states[layer], cfg)
+            if self.engine == "fast":
+                solver = self._solver(layer)
+                v = solver.solve(k64, resid.T.double())
+            else:
+                v = self.rule.solve(k64, resid.T.double(), states[layer], cfg)
             u32, v32 = resid.T.contiguous(), v.float().contiguous()
             w_norms[layer], d_norms[layer] = self._apply(layer, u32, v32)
             self.rule.after_batch(k64, states[layer])
+            if self.engine == "fast":
+                solver.after_batch()
             batch.factors[layer] = (u32.cpu(), v32.cpu(), keys.T.contiguous().cpu())
         self._history.append(batch)
         t2 = time.perf_counter()
@@ -311,8 +321,16 @@ class Editor:
             self._history.append(batch)
         self._on_state_change()
 
+    def _solver(self, layer: int) -> WoodburySolver:
+        """The fast engine's Woodbury solver for ``layer`` (built from ``C0`` and ``S``)."""
+        if layer not in self._solvers:
+            self._solvers[layer] = WoodburySolver(self.rule, self.layer_states()[layer],
+                                                  self.hparams)
+        return self._solvers[layer]
+
     def _on_state_change(self) -> None:
-        """Hook for engines that keep derived solver state (rebuilt lazily)."""
+        """Derived solver state no longer matches ``S``: rebuild it lazily."""
+        self._solvers = {}
 
     # ------------------------------------------------------------------ save / load
 

@@ -143,17 +143,24 @@ def _interpreted_language() -> Iterator[None]:
     With ``TRITON_INTERPRET=1`` at import time Triton builds those as interpreted functions;
     here they are compiled-mode ``JITFunction`` objects, whose ``__call__`` refuses to run
     outside a kernel. For the duration of one interpreted launch, ``JITFunction.__call__``
-    forwards to an interpreted twin of the same body. Identities are untouched (the
-    interpreter compares ``combine_fn is tl.standard._sum_combine`` to pick its NumPy sum).
+    runs the same body interpreted instead. Identities are untouched (the interpreter compares
+    ``combine_fn is tl.standard._sum_combine`` to pick its NumPy sum), and every patch of
+    ``triton.language`` made for such a call is undone when it returns, so compiled kernels
+    built later in the process are unaffected.
     """
-    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime import interpreter
     from triton.runtime.jit import JITFunction
 
     def call_interpreted(self: Any, *args: Any, **kwargs: Any) -> Any:
         entry = _INTERPRETED_TWINS.get(id(self))
         if entry is None or entry[0] is not self:
-            entry = _INTERPRETED_TWINS[id(self)] = (self, InterpretedFunction(self.fn))
-        return entry[1](*args, **kwargs)
+            entry = _INTERPRETED_TWINS[id(self)] = (self, interpreter.InterpretedFunction(self.fn))
+        scope = interpreter._patch_lang(self.fn)  # the callee's module (tl.core) may be unpatched
+        try:
+            return entry[1].rewrite()(*args, **kwargs)
+        finally:
+            if scope is not None:
+                scope.restore()
 
     original = JITFunction.__call__
     JITFunction.__call__ = call_interpreted  # type: ignore[method-assign]

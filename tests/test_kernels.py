@@ -423,13 +423,25 @@ def test_interpreter_really_runs_the_kernel(monkeypatch):
 @pytest.mark.skipif(K._triton.env_interpret(), reason="TRITON_INTERPRET=1: no compiled mode")
 def test_interpreted_launch_leaves_triton_compilable():
     """The interpreted launch restores Triton's JITFunction (compiled mode stays usable)."""
+    import triton.language as tl
     from triton.runtime.jit import JITFunction
 
-    call = JITFunction.__call__
-    with K.use_backend("interpret"):
-        K.mirror_upper_(torch.randn(5, 5))
-    assert JITFunction.__call__ is call
-    with pytest.raises(RuntimeError, match="outside of the scope of a kernel"):
-        import triton.language as tl
+    def snapshot() -> dict:
+        spaces = (tl, tl.core, tl.math, tl.standard, tl.core.tensor, tl.core.dtype)
+        return {(id(space), k): v for space in spaces for k, v in vars(space).items()}
 
+    def launches() -> None:
+        with K.use_backend("interpret"):
+            K.mirror_upper_(torch.randn(5, 5))
+            K.apply_lowrank_update_(torch.zeros(20, 20), torch.ones(20, 2), torch.ones(20, 2))
+
+    launches()  # first use imports Triton's interpreter (one-off module attributes)
+    before, call = snapshot(), JITFunction.__call__
+    launches()
+    assert JITFunction.__call__ is call
+    after = snapshot()
+    keys = before.keys() | after.keys()
+    changed = [key[1] for key in keys if before.get(key) is not after.get(key)]
+    assert not changed, f"triton.language left patched: {changed}"
+    with pytest.raises(RuntimeError, match="outside of the scope of a kernel"):
         tl.zeros((2,), dtype=tl.float32)
