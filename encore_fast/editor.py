@@ -31,7 +31,7 @@ from encore_fast.models.loading import load_model, prepare_tokenizer
 from encore_fast.paths import default_corpus
 from encore_fast.requests import EditRequest, as_requests, encode, validate_requests
 from encore_fast.stats import second_moments
-from encore_fast.values.keys import compute_block_outputs, compute_keys
+from encore_fast.values.keys import SubjectForwards
 from encore_fast.values.prompts import build_value_prompts
 from encore_fast.values.templates import generate_context_templates
 
@@ -253,9 +253,11 @@ class Editor:
         batch = _Batch(requests=list(reqs))
         w_norms, d_norms = {}, {}
         states = self.layer_states()
+        fwd = SubjectForwards(view, self.tokenizer, reqs, contexts,
+                              reuse_below=cfg.layers[0] if self.engine == "fast" else None)
         for i, layer in enumerate(cfg.layers):
-            keys = compute_keys(view, self.tokenizer, reqs, contexts, layer)
-            cur = compute_block_outputs(view, self.tokenizer, reqs, z_layer)
+            keys = fwd.keys(layer)
+            cur = fwd.block_outputs(z_layer)
             resid = (zs - cur) / (len(cfg.layers) - i)
             k64 = keys.T.double()
             if self.engine == "fast":

@@ -76,3 +76,27 @@ def test_keys_average_raw_and_prefixed(tiny_models, tokenizer):
     single = [compute_keys(view, tokenizer, [REQ], [c], 2) for c in CONTEXTS]
     expected = 0.5 * single[0] + 0.25 * (single[1] + single[2])
     assert torch.allclose(both, expected, atol=1e-5)
+
+
+def test_reused_lower_blocks_give_the_same_keys(tiny_models, tokenizer):
+    """Fast-engine key passes start from the recorded input of the first edited layer; after an
+    edit of that layer they must equal a full recomputation."""
+    import copy
+
+    from encore_fast.values.keys import SubjectForwards
+
+    model = copy.deepcopy(tiny_models["llama"])
+    view = ModelView(model)
+    reqs = [REQ, EditRequest("{} plays for", "LeBron James", "Arsenal")]
+    fwd = SubjectForwards(view, tokenizer, reqs, CONTEXTS, reuse_below=2, chunk=4)
+    first = fwd.keys(3)
+    assert all(s is not None for s in fwd.keys_rows.start)
+    with torch.no_grad():
+        view.weight(2).mul_(1.7)  # an edit of the first edited layer
+        view.weight(1).mul_(1.0)
+    again = fwd.keys(3)
+    full = compute_keys(view, tokenizer, reqs, CONTEXTS, 3)
+    assert not torch.allclose(first, full)
+    assert torch.allclose(again, full, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(fwd.block_outputs(4), SubjectForwards(
+        view, tokenizer, reqs, CONTEXTS).block_outputs(4), rtol=1e-5, atol=1e-6)

@@ -37,7 +37,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, data, stream and evaluation options (everything but the method and folder)."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None, help="HF name or path (default: bundled SmolLM2)")
-    g.add_argument("--preset", default=None, help="hyper-parameter preset name")
+    g.add_argument("--preset", default="auto",
+                   help="settings preset (auto: from the model name; see encore_fast.config)")
     g.add_argument("--engine", default="fast", help="editing engine (fast or reference)")
     g.add_argument("--corpus", default=None, help="text corpus for the key statistics C0")
     g.add_argument(

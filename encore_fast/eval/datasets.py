@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from encore_fast.paths import default_data_dir as default_data_dir
 from encore_fast.requests import EditRequest, validate_requests
 
 Layout = Literal["auto", "counterfact-rome", "counterfact-easyedit", "zsre"]
@@ -50,18 +51,6 @@ class EvalRecord:
     neighborhood_answer: str | None = None
     generation_prompts: list[str] = field(default_factory=list)
     index: int = 0
-
-
-def default_data_dir() -> Path | None:
-    """The shared data folder: ``$ENCORE_FAST_DATA``, else ``<project root>/../shared/data``.
-
-    Returns None when neither is set/present, so callers can say which path to pass.
-    """
-    env = os.environ.get("ENCORE_FAST_DATA")
-    if env:
-        return Path(env)
-    candidate = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    return candidate if candidate.is_dir() else None
 
 
 def load_dataset(

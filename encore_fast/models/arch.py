@@ -7,7 +7,10 @@ final norm and the LM head are. Anything else can be described by hand with :cla
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -130,3 +133,35 @@ def replace_block_hidden(output: object, hidden: torch.Tensor) -> object:
     if isinstance(output, list):
         return [hidden, *output[1:]]
     raise TypeError(f"cannot replace the hidden states in a block output of type {type(output)}")
+
+
+class StandIn(nn.Module):
+    """Replaces a block during the steps: returns ``hidden`` (or its input) in the block's
+    output format, without computing anything."""
+
+    def __init__(self, block: nn.Module, as_tuple: bool) -> None:
+        super().__init__()
+        self.as_tuple = as_tuple
+        self.hidden: torch.Tensor | None = None
+        if hasattr(block, "attention_type"):  # read by some models' mask selection
+            self.attention_type = block.attention_type
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = self.hidden if self.hidden is not None else hidden_states
+        return (out,) if self.as_tuple else out
+
+
+@contextlib.contextmanager
+def stand_ins(view: ModelView, upto: int, as_tuple: bool) -> Iterator[list[StandIn]]:
+    """Replace blocks ``0..upto`` by :class:`StandIn` modules (restored on exit): the caller
+    sets ``hidden`` on the last one to what block ``upto`` would output."""
+    container = view.model.get_submodule(view.arch.blocks)
+    originals = [container[i] for i in range(upto + 1)]
+    stand_ins = [StandIn(b, as_tuple) for b in originals]
+    try:
+        for i, s in enumerate(stand_ins):
+            container[i] = s
+        yield stand_ins
+    finally:
+        for i, b in enumerate(originals):
+            container[i] = b

@@ -17,53 +17,22 @@ Computes the same ``z`` as :mod:`encore_fast.values.reference` (DESIGN.md §3):
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from encore_fast.config import EditConfig
-from encore_fast.models.arch import ModelView, block_hidden
+from encore_fast.models.arch import ModelView, block_hidden, stand_ins
 from encore_fast.values.objective import MPES, clamp_, prompts_correct, value_loss
 from encore_fast.values.prompts import ValuePrompts, pad_id_of
 from encore_fast.values.reference import ValueResult
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
-
-
-class _StandIn(nn.Module):
-    """Replaces a block during the steps: returns ``hidden`` (or its input) in the block's
-    output format, without computing anything."""
-
-    def __init__(self, block: nn.Module, as_tuple: bool) -> None:
-        super().__init__()
-        self.as_tuple = as_tuple
-        self.hidden: torch.Tensor | None = None
-        if hasattr(block, "attention_type"):  # read by some models' mask selection
-            self.attention_type = block.attention_type
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        out = self.hidden if self.hidden is not None else hidden_states
-        return (out,) if self.as_tuple else out
-
-
-@contextlib.contextmanager
-def _stand_ins(view: ModelView, upto: int, as_tuple: bool) -> Iterator[list[_StandIn]]:
-    container = view.model.get_submodule(view.arch.blocks)
-    originals = [container[i] for i in range(upto + 1)]
-    stand_ins = [_StandIn(b, as_tuple) for b in originals]
-    try:
-        for i, s in enumerate(stand_ins):
-            container[i] = s
-        yield stand_ins
-    finally:
-        for i, b in enumerate(originals):
-            container[i] = b
 
 
 def _cache_kwarg(base: nn.Module) -> str:
@@ -109,7 +78,9 @@ class _Batch:
         rows = [(i, j) for i, p in enumerate(prompts) for j in range(p.n_prompts)]
         self.row_req = torch.tensor([i for i, _ in rows], device=device)
         pre = [prompts[i].input_ids[j][: prompts[i].lookup[j]] for i, j in rows]
-        suf = [prompts[i].input_ids[j][prompts[i].lookup[j]:] for i, j in rows]
+        # KL prompts are read only at the subject position: nothing after it can matter.
+        suf = [prompts[i].input_ids[j][prompts[i].lookup[j]:] if j < prompts[i].n_rewrite
+               else prompts[i].input_ids[j][prompts[i].lookup[j]:][:1] for i, j in rows]
         self.p_max = max(len(s) for s in pre)
         s_max = max(len(s) for s in suf)
         r = len(rows)
@@ -175,7 +146,8 @@ def optimize_values(
     """
     if not prompts:
         return []
-    suffix = [max(len(ids) - lk for ids, lk in zip(p.input_ids, p.lookup, strict=True))
+    suffix = [max(len(ids) - lk for ids, lk in zip(p.input_ids[: p.n_rewrite], p.lookup,
+                                                    strict=False))
               for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: suffix[i])
     groups: list[list[int]] = []
@@ -255,7 +227,7 @@ def _optimize_group(
     rows = torch.arange(len(b.row_req), device=device)
     softcap = getattr(model.config, "final_logit_softcapping", None)
 
-    with _stand_ins(view, layer, captured["tuple"]) as stand_ins:
+    with stand_ins(view, layer, captured["tuple"]) as replaced:
         for it in range(cfg.v_num_grad_steps):
             n_act = len(active)
             local = torch.full((n,), -1, dtype=torch.long, device=device)
@@ -264,7 +236,7 @@ def _optimize_group(
             row_local = local[b.row_req[rows]]
             hidden = h_lm[rows]
             first = hidden[:, :1] + d_act[row_local][:, None].to(hidden.dtype)
-            stand_ins[-1].hidden = torch.cat([first, hidden[:, 1:]], 1)
+            replaced[-1].hidden = torch.cat([first, hidden[:, 1:]], 1)
             kwargs = {ckw: cache} if cache is not None else {}
             out = base(input_ids=b.suf_ids[rows], attention_mask=full_mask[rows],
                        position_ids=b.suf_pos[rows], use_cache=cache is not None, **kwargs)

@@ -4,6 +4,10 @@ Keys (DESIGN.md §2.4): the input of the edited matrix at the last subject token
 ½·(raw prompt) + ½·(mean over the prefixed prompts). Current values: the output of the last
 edited block at the raw prompt's last subject token. Each forward pass stops after the block it
 needs; right padding keeps positions exact.
+
+:class:`SubjectForwards` serves a whole batch's layer loop. With ``reuse_below=l_1`` (the fast
+engine) the blocks below the first edited layer, whose weights do not change while a batch is
+applied, run once per prompt chunk; later passes start from their recorded output.
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ from typing import Any
 
 import torch
 
-from encore_fast.models.arch import ModelView, block_hidden
+from encore_fast.models.arch import ModelView, block_hidden, stand_ins
 from encore_fast.requests import EditRequest, encode, subject_last_index
-from encore_fast.stats import StopForward, capture_mlp_inputs, run_until
+from encore_fast.stats import StopForward, run_until
 from encore_fast.values.prompts import pad_batch, pad_id_of
 from encore_fast.values.templates import fill
 
@@ -32,55 +36,93 @@ def _subject_rows(
     return ids, lookup
 
 
-@torch.no_grad()
-def compute_keys(
-    view: ModelView,
-    tokenizer: Any,
-    requests: Sequence[EditRequest],
-    contexts: Sequence[str],
-    layer: int,
-    chunk: int = 64,
-) -> torch.Tensor:
+class _Chunks:
+    """Prompts padded into fixed chunks (the same chunks on every pass)."""
+
+    def __init__(self, view: ModelView, tokenizer: Any, ids: list[list[int]],
+                 lookup: list[int], chunk: int) -> None:
+        dev = view.device
+        self.items = []
+        for s in range(0, len(ids), chunk):
+            x, m = pad_batch(ids[s : s + chunk], pad_id_of(tokenizer), dev)
+            idx = torch.tensor(lookup[s : s + chunk], device=dev)
+            self.items.append((x, m, idx))
+        self.start: list[torch.Tensor | None] = [None] * len(self.items)
+        self.as_tuple = False
+
+
+class SubjectForwards:
+    """Forward passes over one batch's subject prompts: keys per layer, current block outputs."""
+
+    def __init__(self, view: ModelView, tokenizer: Any, requests: Sequence[EditRequest],
+                 contexts: Sequence[str], *, reuse_below: int | None = None,
+                 chunk: int = 64) -> None:
+        self.view, self.n, self.n_ctx = view, len(requests), len(contexts)
+        self.reuse_below = reuse_below if reuse_below else None  # block 0 has nothing below
+        self.keys_rows = _Chunks(view, tokenizer, *_subject_rows(tokenizer, requests, contexts),
+                                 chunk)
+        self.raw_rows = _Chunks(view, tokenizer, *_subject_rows(tokenizer, requests, ["{}"]),
+                                chunk)
+
+    @torch.no_grad()
+    def _run(self, rows: _Chunks, stop_after: int, grab: dict[str, Any]) -> list[torch.Tensor]:
+        """Run every chunk up to block ``stop_after``; ``grab`` names what to read:
+        ``("mlp_in", layer)`` or ``("block_out", layer)``; returns its rows at the lookup."""
+        view, out = self.view, []
+        kind, layer = grab["what"]
+        captured: dict[str, torch.Tensor] = {}
+        for c, (x, m, idx) in enumerate(rows.items):
+            handles = []
+            reuse = self.reuse_below
+            first = reuse is not None and rows.start[c] is None
+            if first:
+                def keep_start(_mod: Any, _a: Any, output: Any, c: int = c) -> None:
+                    rows.start[c] = block_hidden(output).detach()
+                    rows.as_tuple = not isinstance(output, torch.Tensor)
+                handles.append(view.blocks[reuse - 1].register_forward_hook(keep_start))
+            if kind == "mlp_in":
+                handles.append(view.mlp_out(layer).register_forward_pre_hook(
+                    lambda _m, args: captured.__setitem__("h", args[0])))
+            else:
+                handles.append(view.blocks[layer].register_forward_hook(
+                    lambda _m, _a, output: captured.__setitem__("h", block_hidden(output))))
+
+            def stop(_m: Any, _a: Any, _o: Any) -> None:
+                raise StopForward
+            handles.append(view.blocks[stop_after].register_forward_hook(stop))
+            try:
+                if reuse is not None and not first:
+                    with stand_ins(view, reuse - 1, rows.as_tuple) as replaced:
+                        replaced[-1].hidden = rows.start[c]
+                        run_until(view.model, input_ids=x, attention_mask=m)
+                else:
+                    run_until(view.model, input_ids=x, attention_mask=m)
+            finally:
+                for h in handles:
+                    h.remove()
+            out.append(captured["h"][torch.arange(len(idx), device=idx.device), idx].float())
+        return out
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """Keys ``[n, d_in]`` (fp32) of ``layer``'s edited matrix for each request."""
+        k = torch.cat(self._run(self.keys_rows, layer, {"what": ("mlp_in", layer)}))
+        k = k.view(self.n, self.n_ctx, -1)
+        if self.n_ctx == 1:
+            return k[:, 0]
+        return 0.5 * k[:, 0] + 0.5 * k[:, 1:].mean(1)
+
+    def block_outputs(self, layer: int) -> torch.Tensor:
+        """Output ``[n, d_model]`` (fp32) of block ``layer`` at each raw prompt's subject."""
+        return torch.cat(self._run(self.raw_rows, layer, {"what": ("block_out", layer)}))
+
+
+def compute_keys(view: ModelView, tokenizer: Any, requests: Sequence[EditRequest],
+                 contexts: Sequence[str], layer: int, chunk: int = 64) -> torch.Tensor:
     """Keys ``[n, d_in]`` (fp32) of ``layer``'s edited matrix for each request."""
-    ids, lookup = _subject_rows(tokenizer, requests, contexts)
-    rows = []
-    pad = pad_id_of(tokenizer)
-    with capture_mlp_inputs(view, [layer], stop_after=layer) as cap:
-        for s in range(0, len(ids), chunk):
-            x, m = pad_batch(ids[s : s + chunk], pad, view.device)
-            run_until(view.model, input_ids=x, attention_mask=m)
-            idx = torch.tensor(lookup[s : s + chunk], device=view.device)
-            rows.append(cap[layer][torch.arange(len(idx), device=view.device), idx].float())
-    k = torch.cat(rows).view(len(requests), len(contexts), -1)
-    if len(contexts) == 1:
-        return k[:, 0]
-    return 0.5 * k[:, 0] + 0.5 * k[:, 1:].mean(1)
+    return SubjectForwards(view, tokenizer, requests, contexts, chunk=chunk).keys(layer)
 
 
-@torch.no_grad()
-def compute_block_outputs(
-    view: ModelView,
-    tokenizer: Any,
-    requests: Sequence[EditRequest],
-    layer: int,
-    chunk: int = 64,
-) -> torch.Tensor:
-    """Output ``[n, d_model]`` (fp32) of block ``layer`` at each raw prompt's last subject token."""
-    ids, lookup = _subject_rows(tokenizer, requests, ["{}"])
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(_mod: Any, _args: Any, output: Any) -> None:
-        captured["h"] = block_hidden(output)
-        raise StopForward
-
-    rows = []
-    handle = view.blocks[layer].register_forward_hook(hook)
-    try:
-        for s in range(0, len(ids), chunk):
-            x, m = pad_batch(ids[s : s + chunk], pad_id_of(tokenizer), view.device)
-            run_until(view.model, input_ids=x, attention_mask=m)
-            idx = torch.tensor(lookup[s : s + chunk], device=view.device)
-            rows.append(captured["h"][torch.arange(len(idx), device=view.device), idx].float())
-    finally:
-        handle.remove()
-    return torch.cat(rows)
+def compute_block_outputs(view: ModelView, tokenizer: Any, requests: Sequence[EditRequest],
+                          layer: int, chunk: int = 64) -> torch.Tensor:
+    """Output ``[n, d_model]`` (fp32) of block ``layer`` at each raw prompt's subject."""
+    return SubjectForwards(view, tokenizer, requests, [], chunk=chunk).block_outputs(layer)
