@@ -44,7 +44,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gpt2": ArchSpec("transformer.h", "mlp.c_proj", "transformer.ln_f", "lm_head", True),
     "gptj": ArchSpec("transformer.h", "mlp.fc_out", "transformer.ln_f", "lm_head"),
     "gpt_neox": ArchSpec("gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm",
-                         "embed_out"),
+                         "lm_head"),  # transformers < 5 called it "embed_out"
 }
 
 
@@ -69,7 +69,14 @@ class ModelView:
         try:
             blocks = model.get_submodule(self.arch.blocks)
             self.final_norm = model.get_submodule(self.arch.final_norm)
-            self.lm_head = model.get_submodule(self.arch.lm_head)
+            try:
+                self.lm_head = model.get_submodule(self.arch.lm_head)
+            except AttributeError:
+                head = model.get_output_embeddings() if hasattr(
+                    model, "get_output_embeddings") else None
+                if head is None:
+                    raise
+                self.lm_head = head
         except AttributeError as exc:
             raise ValueError(
                 f"model {type(model).__name__} does not match {self.arch}: {exc}") from exc
