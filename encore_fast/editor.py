@@ -168,7 +168,7 @@ class Editor:
 
     def weight_norms(self) -> dict[int, float]:
         """Current ‖W‖_F of every edited matrix."""
-        return {l: float(self.view.weight(l).float().norm()) for l in self.hparams.layers}
+        return {l: float(self.view.weight(l).detach().float().norm()) for l in self.hparams.layers}
 
     def layer_states(self) -> dict[int, LayerState]:
         """Per-layer ``C0`` (computed or loaded on first use, from the original model) and ``S``."""
