@@ -136,7 +136,7 @@ def optimize_values(
     layer: int,
     cfg: EditConfig,
     progress: Any = None,
-    min_group: int = 8,
+    min_group: int = 4,
 ) -> list[ValueResult]:
     """Fast engine: optimise the values of all requests together (same result as reference).
 
