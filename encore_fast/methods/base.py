@@ -50,10 +50,6 @@ class UpdateRule:
         if self.sequential:
             state.seq().addmm_(keys, keys.T)
 
-    def undo_batch(self, keys: torch.Tensor, state: LayerState) -> None:
-        if self.sequential:
-            state.seq().addmm_(keys, keys.T, alpha=-1.0)
-
 
 def eye_like(a: torch.Tensor) -> torch.Tensor:
     return torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
