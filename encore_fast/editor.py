@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from encore_fast.config import EditConfig, guess_preset, make_config
 from encore_fast.kernels import apply_lowrank_update_
 from encore_fast.methods import LayerState, get_rule
-from encore_fast.methods.solver import WoodburySolver
+from encore_fast.methods.solver import DirectSolver, WoodburySolver
 from encore_fast.models.arch import ArchSpec, ModelView
 from encore_fast.models.fingerprint import model_fingerprint
 from encore_fast.models.loading import load_model, prepare_tokenizer
@@ -123,7 +123,7 @@ class Editor:
         self._contexts: list[str] | None = None
         self._original = {l: self.view.weight(l).detach().clone() for l in self.hparams.layers}
         self._history: list[_Batch] = []
-        self._solvers: dict[int, WoodburySolver] = {}
+        self._solvers: dict[int, DirectSolver | WoodburySolver] = {}
 
     @classmethod
     def from_pretrained(
@@ -260,16 +260,12 @@ class Editor:
             cur = fwd.block_outputs(z_layer)
             resid = (zs - cur) / (len(cfg.layers) - i)
             k64 = keys.T.double()
-            if self.engine == "fast":
-                solver = self._solver(layer)
-                v = solver.solve(k64, resid.T.double())
-            else:
-                v = self.rule.solve(k64, resid.T.double(), states[layer], cfg)
+            solver = self._solver(layer)
+            v = solver.solve(k64, resid.T.double())
             u32, v32 = resid.T.contiguous(), v.float().contiguous()
             w_norms[layer], d_norms[layer] = self._apply(layer, u32, v32)
             self.rule.after_batch(k64, states[layer])
-            if self.engine == "fast":
-                solver.after_batch()
+            solver.after_batch()
             batch.factors[layer] = (u32.cpu(), v32.cpu(), keys.T.contiguous().cpu())
         self._history.append(batch)
         t2 = time.perf_counter()
@@ -323,11 +319,12 @@ class Editor:
             self._history.append(batch)
         self._on_state_change()
 
-    def _solver(self, layer: int) -> WoodburySolver:
-        """The fast engine's Woodbury solver for ``layer`` (built from ``C0`` and ``S``)."""
+    def _solver(self, layer: int) -> DirectSolver | WoodburySolver:
+        """The solver of ``layer``: Woodbury (fast engine, built from ``C0`` and ``S``) or the
+        rule's direct float64 solve (reference engine)."""
         if layer not in self._solvers:
-            self._solvers[layer] = WoodburySolver(self.rule, self.layer_states()[layer],
-                                                  self.hparams)
+            kind = WoodburySolver if self.engine == "fast" else DirectSolver
+            self._solvers[layer] = kind(self.rule, self.layer_states()[layer], self.hparams)
         return self._solvers[layer]
 
     def _on_state_change(self) -> None:

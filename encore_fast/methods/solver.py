@@ -29,6 +29,19 @@ from encore_fast.methods.encore import Encore
 from encore_fast.methods.memit import Memit
 
 
+class DirectSolver:
+    """The reference engine's solver: the rule's own float64 solve of the full system."""
+
+    def __init__(self, rule: UpdateRule, state: LayerState, cfg: EditConfig) -> None:
+        self.rule, self.state, self.cfg = rule, state, cfg
+
+    def solve(self, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+        return self.rule.solve(keys, resid, self.state, self.cfg)
+
+    def after_batch(self) -> None:
+        """Nothing derived to update: the next solve reads ``S`` directly."""
+
+
 class WoodburySolver:
     """Per-layer solver state for one update rule; same ``V`` as ``rule.solve``."""
 

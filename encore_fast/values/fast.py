@@ -212,7 +212,8 @@ def _optimize_group(
         if cache is not None:
             _crop(cache, b.p_max)
     h_lm = captured["h"]  # [rows, suffix, d]
-    h0 = h_lm[b.rows_of(torch.arange(n, device=device))].view(n, -1, *h_lm.shape[1:])[:, 0, 0]
+    # Rows are ordered by request; each request's first row is its raw rewrite prompt.
+    h0 = h_lm.view(n, -1, *h_lm.shape[1:])[:, 0, 0]
     h0 = h0.float()
     h0_norm = h0.norm(dim=-1)
 

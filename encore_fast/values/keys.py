@@ -65,11 +65,10 @@ class SubjectForwards:
                                 chunk)
 
     @torch.no_grad()
-    def _run(self, rows: _Chunks, stop_after: int, grab: dict[str, Any]) -> list[torch.Tensor]:
-        """Run every chunk up to block ``stop_after``; ``grab`` names what to read:
-        ``("mlp_in", layer)`` or ``("block_out", layer)``; returns its rows at the lookup."""
+    def _run(self, rows: _Chunks, kind: str, layer: int) -> list[torch.Tensor]:
+        """Run every chunk up to block ``layer`` and read, at the lookup positions, the input
+        of its edited matrix (``kind="mlp_in"``) or its output (``kind="block_out"``)."""
         view, out = self.view, []
-        kind, layer = grab["what"]
         captured: dict[str, torch.Tensor] = {}
         for c, (x, m, idx) in enumerate(rows.items):
             handles = []
@@ -89,7 +88,7 @@ class SubjectForwards:
 
             def stop(_m: Any, _a: Any, _o: Any) -> None:
                 raise StopForward
-            handles.append(view.blocks[stop_after].register_forward_hook(stop))
+            handles.append(view.blocks[layer].register_forward_hook(stop))
             try:
                 if reuse is not None and not first:
                     with stand_ins(view, reuse - 1, rows.as_tuple) as replaced:
@@ -105,7 +104,7 @@ class SubjectForwards:
 
     def keys(self, layer: int) -> torch.Tensor:
         """Keys ``[n, d_in]`` (fp32) of ``layer``'s edited matrix for each request."""
-        k = torch.cat(self._run(self.keys_rows, layer, {"what": ("mlp_in", layer)}))
+        k = torch.cat(self._run(self.keys_rows, "mlp_in", layer))
         k = k.view(self.n, self.n_ctx, -1)
         if self.n_ctx == 1:
             return k[:, 0]
@@ -113,7 +112,7 @@ class SubjectForwards:
 
     def block_outputs(self, layer: int) -> torch.Tensor:
         """Output ``[n, d_model]`` (fp32) of block ``layer`` at each raw prompt's subject."""
-        return torch.cat(self._run(self.raw_rows, layer, {"what": ("block_out", layer)}))
+        return torch.cat(self._run(self.raw_rows, "block_out", layer))
 
 
 def compute_keys(view: ModelView, tokenizer: Any, requests: Sequence[EditRequest],
