@@ -256,6 +256,7 @@ class Editor:
         fwd = SubjectForwards(view, self.tokenizer, reqs, contexts,
                               reuse_below=cfg.layers[0] if self.engine == "fast" else None)
         for i, layer in enumerate(cfg.layers):
+            fwd.freeze_below(layer)  # the layers before it are final for this batch
             keys = fwd.keys(layer)
             cur = fwd.block_outputs(z_layer)
             resid = (zs - cur) / (len(cfg.layers) - i)

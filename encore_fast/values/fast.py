@@ -4,129 +4,366 @@ Computes the same ``z`` as :mod:`encore_fast.values.reference` (DESIGN.md §3):
 
 * **Batched**: δ is ``[n, d_model]``; each request's loss depends only on its own row, and the
   per-row Adam, clamp, loss cut-off, step limit and MPES reproduce each request's own trajectory.
-  A request that stops is dropped from the batch (its rows are no longer computed).
+  A request that stops leaves the batch (its tokens are no longer computed).
 * **Prefix reuse**: tokens before the last subject token are not affected by δ (causal
-  attention). They run once, with a KV cache; each step runs only the suffix (from the last
-  subject token on), attending to the cached prefix.
+  attention). Their keys and values are computed once; each step runs only the suffix (from the
+  last subject token on), attending to them.
 * **Layer skip**: blocks up to the edited block ``l_m`` are not affected by δ either. Their
   output for the suffix tokens is computed once; during the steps those blocks are replaced by
   stand-ins that return it (plus δ at the subject position).
-* **Logits only where read**: the LM head runs only at the target positions and at the KL
-  position, never over the whole ``[batch, seq, vocab]``.
+* **Packed rows**: every prompt (a *segment*: prefix + suffix) of every request is packed with
+  others into rows of one forward pass, with a block-diagonal attention mask, so a step is one
+  forward and one backward over (almost) only real tokens, whatever the prompts' lengths. A KL
+  prompt is read only at the subject position, so its suffix is that one token.
+* **Logits only where read**: the LM head runs only at the target positions (each once) and at
+  the KL positions, never over the whole ``[batch, seq, vocab]``.
 """
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
 
 from encore_fast.config import EditConfig
-from encore_fast.models.arch import ModelView, block_hidden, stand_ins
+from encore_fast.models.arch import ModelView, StandIn, block_hidden, stand_ins
 from encore_fast.values.objective import MPES, clamp_, prompts_correct, value_loss
 from encore_fast.values.prompts import ValuePrompts, pad_id_of
 from encore_fast.values.reference import ValueResult
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+ATTENTION = "encore_fast_packed"
 
 
-def _cache_kwarg(base: nn.Module) -> str:
-    """transformers 5 calls the KV cache ``cache``; 4.x called it ``past_key_values``."""
-    params = inspect.signature(base.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+class _Fixed:
+    """What :func:`packed_attention` reads and writes besides its arguments, per attention
+    module: keys/values to ``record`` (the prefix pass), and the fixed ``prefix`` keys/values
+    that this pass's queries also attend to (the steps), ``[b, h_kv, p, hd]`` each."""
+
+    def __init__(self) -> None:
+        self.record: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.prefix: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _out_cache(out: Any) -> Any:
-    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+_FIXED: _Fixed | None = None
 
 
-def _cache_tensors(cache: Any, fn: Any) -> None:
-    """Apply ``fn`` to every layer's key and value tensor of a transformers (5.x) cache."""
-    for layer in getattr(cache, "layers", []):
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                setattr(layer, name, fn(t))
+def packed_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention over packed rows (registered as a transformers attention function).
+
+    ``query`` ``[b, h, q, hd]`` and ``key``/``value`` ``[b, h_kv, q, hd]`` are this pass's
+    tokens; they also attend to the module's fixed prefix keys/values (``p`` of them, no
+    gradient: they are constants). ``attention_mask`` is additive ``[b, 1, q, p + q]``. Query
+    heads are grouped by their key/value head instead of repeating the keys.
+    """
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("the fast engine does not support attention sinks; "
+                                  "use engine='reference'")
+    fixed = _FIXED
+    if fixed is not None and fixed.record is not None:
+        fixed.record[module] = (key.detach(), value.detach())
+    b, h, q, hd = query.shape
+    h_kv = key.shape[1]
+    g = h // h_kv
+    qg = query.reshape(b, h_kv, g * q, hd)
+    scores = qg @ key.transpose(-1, -2)
+    pre = fixed.prefix.get(module) if fixed is not None else None
+    if pre is not None:
+        scores = torch.cat([qg @ pre[0].transpose(-1, -2), scores], -1)
+    k = scores.shape[-1]
+    scores = scores.view(b, h_kv, g, q, k) * (scaling if scaling is not None else hd**-0.5)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, None, :, -k:]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = probs.view(b, h_kv, g * q, k)
+    out = probs[..., k - q:] @ value
+    if pre is not None:
+        out = out + probs[..., : k - q] @ pre[1]
+    return out.view(b, h, q, hd).transpose(1, 2).contiguous(), None
 
 
-def _sanitize_cache(cache: Any) -> None:
-    """Rows with no prefix token attend to nothing in the prefix pass and may leave NaNs in
-    their (masked, weight-0) cache slots; 0·NaN would poison the suffix pass, so zero them."""
-    _cache_tensors(cache, lambda t: torch.nan_to_num(t, nan=0.0))
+AttentionInterface.register(ATTENTION, packed_attention)
 
 
-def _crop(cache: Any, length: int) -> None:
-    """Drop what the last pass appended: keep the first ``length`` positions."""
-    _cache_tensors(cache, lambda t: t[..., :length, :].detach())
+@contextlib.contextmanager
+def _packed_attention(model: nn.Module, fixed: _Fixed) -> Iterator[None]:
+    """Route the model's attention through :func:`packed_attention`, reading ``fixed``
+    (restored on exit)."""
+    global _FIXED
+    config = model.config
+    before, before_fixed = config._attn_implementation, _FIXED
+    config._attn_implementation, _FIXED = ATTENTION, fixed
+    try:
+        yield
+    finally:
+        config._attn_implementation, _FIXED = before, before_fixed
 
 
-def _select_rows(cache: Any, index: torch.Tensor) -> None:
-    _cache_tensors(cache, lambda t: t[index])
+class _Captured(Exception):
+    """Raised by the capture hook: nothing after block ``l_m`` is needed in that pass."""
 
 
-class _Batch:
-    """Padded tensors for all prompts of the active requests: left-padded prefixes (up to the
-    last subject token), right-padded suffixes (from it on), and where the loss reads."""
+@dataclass
+class _Segment:
+    """One prompt of one request: ``pre`` (before the last subject token, computed once) and
+    ``suf`` (from it on, computed every step, flat index ``suf_start`` on). Its prefix keys and
+    values are ``kv`` in the flat prefix store: the first ``shared`` tokens (identical in every
+    request's prompt of this template) are stored once for all requests, the rest from
+    ``own_start`` on."""
 
-    def __init__(self, prompts: Sequence[ValuePrompts], pad_id: int, device: torch.device) -> None:
-        self.n = len(prompts)
-        rows = [(i, j) for i, p in enumerate(prompts) for j in range(p.n_prompts)]
-        self.row_req = torch.tensor([i for i, _ in rows], device=device)
-        pre = [prompts[i].input_ids[j][: prompts[i].lookup[j]] for i, j in rows]
-        # KL prompts are read only at the subject position: nothing after it can matter.
-        suf = [prompts[i].input_ids[j][prompts[i].lookup[j]:] if j < prompts[i].n_rewrite
-               else prompts[i].input_ids[j][prompts[i].lookup[j]:][:1] for i, j in rows]
-        self.p_max = max(len(s) for s in pre)
-        s_max = max(len(s) for s in suf)
-        r = len(rows)
-        self.pre_ids = torch.full((r, self.p_max), pad_id, dtype=torch.long)
-        self.pre_mask = torch.zeros((r, self.p_max), dtype=torch.long)
-        self.suf_ids = torch.full((r, s_max), pad_id, dtype=torch.long)
-        self.suf_mask = torch.zeros((r, s_max), dtype=torch.long)
-        self.suf_pos = torch.zeros((r, s_max), dtype=torch.long)
-        for k, (a, b) in enumerate(zip(pre, suf, strict=True)):
-            if a:
-                self.pre_ids[k, self.p_max - len(a):] = torch.tensor(a)
-                self.pre_mask[k, self.p_max - len(a):] = 1
-            self.suf_ids[k, : len(b)] = torch.tensor(b)
-            self.suf_mask[k, : len(b)] = 1
-            self.suf_pos[k] = len(a) + torch.arange(s_max)
-        self.pre_pos = (self.pre_mask.cumsum(1) - 1).clamp(min=0)
-        # Loss read-out: rewrite prompts' target positions, in suffix coordinates.
-        self.n_rw = prompts[0].n_rewrite
-        self.t_max = max(len(p.target_ids) for p in prompts)
-        read_row, read_pos, targets, tmask = [], [], [], []
-        kl_row = []
-        k = 0
-        for p in prompts:
-            t = len(p.target_ids)
+    req: int
+    pre: list[int]
+    suf: list[int]
+    suf_start: int
+    shared: int = 0
+    own_start: int = 0
+    kv: list[int] = field(default_factory=list)
+
+
+def _pack(lengths: Sequence[int]) -> list[list[int]]:
+    """First-fit decreasing: items into rows as wide as the longest; item indices per row."""
+    width = max(lengths)
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, f in enumerate(free):
+            if lengths[i] <= f:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(width - lengths[i])
+    return rows
+
+
+class _Layout:
+    """Segments packed into rows for one forward pass.
+
+    Each segment contributes query tokens (``query[k]``, flat indices from ``q_start[k]``, at
+    positions ``q_pos0[k]`` on) and fixed tokens (flat indices ``kv[k]``, keys and values
+    computed before). A query attends to its own segment's cached tokens and, causally, to its
+    own segment's queries; padding queries attend only to themselves (no empty softmax rows).
+    """
+
+    def __init__(self, query: Sequence[Sequence[int]], q_start: Sequence[int],
+                 q_pos0: Sequence[int], kv: Sequence[Sequence[int]], pad_id: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        rows = _pack([len(q) for q in query])
+        r_n, width = len(rows), max(len(q) for q in query)
+        kv_w = max(sum(len(kv[k]) for k in row) for row in rows)
+        self.rows, self.width, self.kv_width = r_n, width, kv_w
+        q_idx = torch.full((r_n, width), -1, dtype=torch.long)
+        q_seg = torch.full((r_n, width), -1, dtype=torch.long)
+        kv_idx = torch.full((r_n, kv_w), -1, dtype=torch.long)
+        kv_seg = torch.full((r_n, kv_w), -2, dtype=torch.long)
+        ids = torch.full((r_n, width), pad_id, dtype=torch.long)
+        pos = torch.zeros((r_n, width), dtype=torch.long)
+        self.seg_row = torch.zeros(len(query), dtype=torch.long)
+        self.seg_col = torch.zeros(len(query), dtype=torch.long)
+        for r, row in enumerate(rows):
+            c = p = 0
+            for k in row:
+                n, m = len(query[k]), len(kv[k])
+                kv_idx[r, p: p + m] = torch.tensor(list(kv[k]), dtype=torch.long)
+                kv_seg[r, p: p + m] = k
+                q_idx[r, c: c + n] = torch.arange(q_start[k], q_start[k] + n)
+                q_seg[r, c: c + n] = k
+                ids[r, c: c + n] = torch.tensor(list(query[k]))
+                pos[r, c: c + n] = q_pos0[k] + torch.arange(n)
+                self.seg_row[k], self.seg_col[k] = r, c
+                c, p = c + n, p + m
+        same_kv = kv_seg[:, None, :] == q_seg[:, :, None]  # [rows, width, kv_w]
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        same_q = (q_seg[:, None, :] == q_seg[:, :, None]) & causal
+        pad_q = (q_seg < 0)[:, :, None] & torch.eye(width, dtype=torch.bool)
+        allowed = torch.cat([same_kv & (q_seg >= 0)[:, :, None],
+                             (same_q & (q_seg >= 0)[:, :, None]) | pad_q], -1)
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed,
+                                                                    torch.finfo(dtype).min)
+        self.mask = mask[:, None].to(device)
+        self.q_idx, self.kv_idx = q_idx.to(device), kv_idx.to(device)
+        self.ids, self.pos = ids.to(device), pos.to(device)
+        self.q_valid = (q_idx >= 0).to(device)
+        self.seg_row, self.seg_col = self.seg_row.to(device), self.seg_col.to(device)
+
+    def gather(self, flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``flat[index]`` with zeros where ``index`` is -1."""
+        padded = torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])
+        return padded[index]
+
+
+class _Prompts:
+    """The segments of a batch (each request's rewrite prompts, then its KL prompts), the once-
+    per-batch work (prefix keys/values, block ``l_m``'s output) and the packed step forward."""
+
+    def __init__(self, prompts: Sequence[ValuePrompts], view: ModelView, layer: int,
+                 pad_id: int, fixed: _Fixed) -> None:
+        self.view, self.layer, self.pad_id = view, layer, pad_id
+        self.base = view.model.base_model
+        self.device = view.device
+        self.dtype = next(view.model.parameters()).dtype
+        self.segs: list[_Segment] = []
+        self.rewrite_seg: list[list[int]] = []  # per request: its rewrite segments
+        self.kl_seg: list[int] = []  # per request: its (first) KL segment
+        n_prompts = prompts[0].n_prompts
+        # Per template: the prefix tokens every request's prompt starts with (the context).
+        self.shared: list[list[int]] = []
+        for j in range(n_prompts):
+            pres = [p.input_ids[j][: p.lookup[j]] for p in prompts]
+            c = min(len(x) for x in pres) if len(prompts) > 1 else 0
+            while c and any(x[:c] != pres[0][:c] for x in pres):
+                c -= 1
+            self.shared.append(pres[0][:c])
+        self.shared_start = [sum(len(x) for x in self.shared[:j]) for j in range(n_prompts)]
+        n_shared = sum(len(x) for x in self.shared)
+        own_n = suf_n = 0
+        for i, p in enumerate(prompts):
+            self.rewrite_seg.append([])
             for j in range(p.n_prompts):
-                if j < p.n_rewrite:
-                    for q in range(self.t_max):
-                        read_row.append(k)
-                        read_pos.append(p.target_start[j] - p.lookup[j] + min(q, t - 1))
-                        targets.append(p.target_ids[min(q, t - 1)])
-                        tmask.append(1.0 if q < t else 0.0)
-                else:
-                    kl_row.append(k)
-                k += 1
-        self.read_row = torch.tensor(read_row, device=device)
-        self.read_pos = torch.tensor(read_pos, device=device)
-        self.targets = torch.tensor(targets, device=device).view(self.n, self.n_rw, self.t_max)
-        self.tmask = torch.tensor(tmask, device=device).view(self.n, self.n_rw, self.t_max)
-        self.n_target = torch.tensor([float(len(p.target_ids)) for p in prompts], device=device)
-        self.kl_row = torch.tensor(kl_row, device=device)
-        for name in ("pre_ids", "pre_mask", "pre_pos", "suf_ids", "suf_mask", "suf_pos"):
-            setattr(self, name, getattr(self, name).to(device))
+                lk, c = p.lookup[j], len(self.shared[j])
+                rewrite = j < p.n_rewrite
+                # A KL prompt is read only at the subject position: nothing after it matters.
+                suf = p.input_ids[j][lk:] if rewrite else p.input_ids[j][lk: lk + 1]
+                if rewrite:
+                    self.rewrite_seg[i].append(len(self.segs))
+                elif j == p.n_rewrite:
+                    self.kl_seg.append(len(self.segs))
+                kv = [*range(self.shared_start[j], self.shared_start[j] + c),
+                      *range(n_shared + own_n, n_shared + own_n + lk - c)]
+                self.segs.append(_Segment(i, p.input_ids[j][:lk], suf, suf_n, c, own_n, kv))
+                own_n, suf_n = own_n + lk - c, suf_n + len(suf)
+        self.n_shared, self.n_own, self.n_suf = n_shared, own_n, suf_n
+        self.fixed = fixed  # what packed_attention reads: set by select()
+        # Per attention module: every prefix token's key and value, [n_pre, h_kv, hd] each.
+        self.prefix_kv: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.hidden = torch.empty(0)  # block l_m's output at every suffix token: [n_suf, d]
+        self.as_tuple = False
+        self.layout: _Layout | None = None
 
-    def rows_of(self, reqs: torch.Tensor) -> torch.Tensor:
-        """Prompt-row indices belonging to the given request indices."""
-        return torch.nonzero(torch.isin(self.row_req, reqs)).flatten()
+    # -- once per batch ---------------------------------------------------------------------
+    def _prefix_pass(self, query: list[list[int]], q_start: list[int], q_pos0: list[int],
+                     kv: list[list[int]], n_out: int
+                     ) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values ``[n_out, h_kv, hd]`` (flat) of the query tokens at every layer,
+        attending to ``kv`` in :attr:`prefix_kv`."""
+        lay = _Layout(query, q_start, q_pos0, kv, self.pad_id, self.device, self.dtype)
+        self._set_fixed(lay)
+        self.fixed.record = recorded = {}
+        try:
+            self.base(input_ids=lay.ids, attention_mask=lay.mask, position_ids=lay.pos,
+                      use_cache=False)
+        finally:
+            self.fixed.record = None
+        valid, where = lay.q_valid, lay.q_idx[lay.q_valid]
+
+        def flat(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_empty(n_out, t.shape[1], t.shape[3])
+            out[where] = t.transpose(1, 2)[valid]
+            return out
+
+        return {m: (flat(k), flat(v)) for m, (k, v) in recorded.items()}
+
+    def prepare(self) -> None:
+        """Without gradients: the keys and values of every prefix (the shared contexts once,
+        then each prompt's own part), then block ``l_m``'s output over every suffix (one
+        packed pass, stopped after that block)."""
+        with torch.no_grad():
+            shared = [j for j, x in enumerate(self.shared) if x]
+            if shared:
+                self.prefix_kv = self._prefix_pass(
+                    [self.shared[j] for j in shared], [self.shared_start[j] for j in shared],
+                    [0] * len(shared), [[] for _ in shared], self.n_shared)
+            own = [s for s in self.segs if len(s.pre) > s.shared]
+            if own:
+                kv_own = self._prefix_pass(
+                    [s.pre[s.shared:] for s in own], [s.own_start for s in own],
+                    [s.shared for s in own], [s.kv[: s.shared] for s in own], self.n_own)
+                self.prefix_kv = {
+                    m: tuple(torch.cat([self.prefix_kv[m][i], kv[i]]) if self.prefix_kv
+                             else kv[i] for i in range(2))
+                    for m, kv in kv_own.items()}
+
+            def grab(_m: Any, _a: Any, output: Any) -> None:
+                self.hidden = block_hidden(output).detach()
+                self.as_tuple = not isinstance(output, torch.Tensor)
+                raise _Captured
+
+            self.select(list(range(len(self.segs))))
+            handle = self.view.blocks[self.layer].register_forward_hook(grab)
+            try:
+                self._forward()
+            except _Captured:
+                pass
+            finally:
+                handle.remove()
+            lay = self.layout
+            assert lay is not None
+            flat_h = self.hidden.new_empty(self.n_suf, self.hidden.shape[-1])
+            flat_h[lay.q_idx[lay.q_valid]] = self.hidden[lay.q_valid]
+            self.hidden = flat_h
+
+    # -- every step -------------------------------------------------------------------------
+    def _set_fixed(self, lay: _Layout) -> None:
+        """Point :func:`packed_attention` at the prefix keys/values of ``lay``'s rows."""
+        self.fixed.prefix = {
+            m: tuple(lay.gather(t, lay.kv_idx).transpose(1, 2).contiguous() for t in kv)
+            for m, kv in self.prefix_kv.items()} if lay.kv_width else {}
+
+    def select(self, seg_ids: list[int]) -> None:
+        """Pack the given segments (the active requests') for the next steps."""
+        segs = [self.segs[k] for k in seg_ids]
+        self.layout = lay = _Layout(
+            [s.suf for s in segs], [s.suf_start for s in segs], [len(s.pre) for s in segs],
+            [s.kv for s in segs], self.pad_id, self.device, self.dtype)
+        self.local_seg = torch.full((len(self.segs),), -1, dtype=torch.long)
+        self.local_seg[torch.tensor(seg_ids)] = torch.arange(len(seg_ids))
+        self.seg_req = torch.tensor([s.req for s in segs], device=self.device)
+        self._set_fixed(lay)
+
+    def _forward(self) -> torch.Tensor:
+        lay = self.layout
+        assert lay is not None
+        out = self.base(input_ids=lay.ids, attention_mask=lay.mask, position_ids=lay.pos,
+                        use_cache=False)
+        return out.last_hidden_state
+
+    def step(self, stand_in: StandIn, delta: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``[rows, width, d]`` of the packed active segments with δ
+        (``delta[local[request]]``) added after block ``l_m`` at each subject position."""
+        lay = self.layout
+        assert lay is not None
+        hidden = lay.gather(self.hidden, lay.q_idx)
+        add = delta[local[self.seg_req]].to(hidden.dtype)
+        stand_in.hidden = hidden.index_put((lay.seg_row, lay.seg_col), add, accumulate=True)
+        return self._forward()
+
+    def slots(self, seg: Sequence[int], offset: Sequence[int]) -> tuple[torch.Tensor,
+                                                                       torch.Tensor]:
+        """Row and column, in the current packing, of token ``offset`` of each segment."""
+        lay = self.layout
+        assert lay is not None
+        k = self.local_seg[torch.tensor(list(seg), dtype=torch.long)].to(self.device)
+        return lay.seg_row[k], lay.seg_col[k] + torch.tensor(list(offset), device=self.device)
 
 
 def optimize_values(
@@ -136,87 +373,58 @@ def optimize_values(
     layer: int,
     cfg: EditConfig,
     progress: Any = None,
-    min_group: int = 4,
 ) -> list[ValueResult]:
-    """Fast engine: optimise the values of all requests together (same result as reference).
-
-    Requests are independent (each owns a row of δ), so they are bucketed by suffix length and
-    each bucket runs as one batch: less padding than one batch padded to the longest suffix.
-    Buckets smaller than ``min_group`` requests are merged into the next longer one.
-    """
+    """Fast engine: optimise the values of all requests together (same result as reference)."""
     if not prompts:
         return []
-    suffix = [max(len(ids) - lk for ids, lk in zip(p.input_ids[: p.n_rewrite], p.lookup,
-                                                    strict=False))
-              for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: suffix[i])
-    groups: list[list[int]] = []
-    for i in order:
-        if groups and (suffix[groups[-1][-1]] == suffix[i] or len(groups[-1]) < min_group):
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    if len(groups) > 1 and len(groups[-1]) < min_group:
-        groups[-2].extend(groups.pop())
-    results: list[ValueResult | None] = [None] * len(prompts)
-    for g in groups:
-        for i, res in zip(g, _optimize_group(view, tokenizer, [prompts[i] for i in g], layer,
-                                             cfg, progress), strict=True):
-            results[i] = res
-    return results  # type: ignore[return-value]
+    if len({p.n_prompts for p in prompts}) != 1:
+        raise ValueError("all requests must use the same context templates")
+    fixed = _Fixed()
+    with _packed_attention(view.model, fixed):
+        return _optimize(view, tokenizer, prompts, layer, cfg, fixed, progress)
 
 
-def _optimize_group(
+def _optimize(
     view: ModelView,
     tokenizer: Any,
     prompts: Sequence[ValuePrompts],
     layer: int,
     cfg: EditConfig,
+    fixed: _Fixed,
     progress: Any = None,
 ) -> list[ValueResult]:
-    """One batch of requests, padded together (see :func:`optimize_values`)."""
-    if len({p.n_prompts for p in prompts}) != 1:
-        raise ValueError("all requests must use the same context templates")
-    device = view.device
     model = view.model
-    base = model.base_model
+    device = view.device
     head = model.get_output_embeddings()
-    ckw = _cache_kwarg(base)
-    b = _Batch(prompts, pad_id_of(tokenizer), device)
+    ps = _Prompts(prompts, view, layer, pad_id_of(tokenizer), fixed)
+    ps.prepare()
     n, d = len(prompts), view.d_model
+    n_rw = prompts[0].n_rewrite
+    t_max = max(len(p.target_ids) for p in prompts)
+    per_req = n_rw * t_max
 
-    # 1. Prefix pass (once): KV cache of everything before the last subject token.
-    cache = None
-    with torch.no_grad():
-        if b.p_max > 0:
-            out = base(input_ids=b.pre_ids, attention_mask=b.pre_mask, position_ids=b.pre_pos,
-                       use_cache=True)
-            cache = _out_cache(out)
-            _sanitize_cache(cache)
-        full_mask = torch.cat([b.pre_mask, b.suf_mask], 1)
+    # Where the loss reads: each target token of each rewrite prompt once, in the
+    # [request, rewrite prompt, target position] layout (unused slots masked).
+    read_seg, read_off, read_slot = [], [], []
+    for i, p in enumerate(prompts):
+        for j, k in enumerate(ps.rewrite_seg[i]):
+            for q in range(len(p.target_ids)):
+                read_seg.append(k)
+                read_off.append(p.target_start[j] - p.lookup[j] + q)
+                read_slot.append((i * n_rw + j) * t_max + q)
+    read_req = torch.tensor([ps.segs[k].req for k in read_seg])
+    read_slot_t = torch.tensor(read_slot, device=device)
+    targets = torch.zeros(n, n_rw, t_max, dtype=torch.long)
+    tmask = torch.zeros(n, n_rw, t_max)
+    for i, p in enumerate(prompts):
+        targets[i, :, : len(p.target_ids)] = torch.tensor(p.target_ids)
+        tmask[i, :, : len(p.target_ids)] = 1.0
+    targets, tmask = targets.to(device), tmask.to(device)
+    n_target = torch.tensor([float(len(p.target_ids)) for p in prompts], device=device)
 
-        # 2. Suffix pass through the real blocks up to l_m (once): their output is fixed.
-        captured: dict[str, Any] = {}
-
-        def grab(_m: Any, _a: Any, output: Any) -> None:
-            captured["h"] = block_hidden(output).detach()
-            captured["tuple"] = not isinstance(output, torch.Tensor)
-
-        handle = view.blocks[layer].register_forward_hook(grab)
-        try:
-            kwargs = {ckw: cache} if cache is not None else {}
-            base(input_ids=b.suf_ids, attention_mask=full_mask, position_ids=b.suf_pos,
-                 use_cache=cache is not None, **kwargs)
-        finally:
-            handle.remove()
-        if cache is not None:
-            _crop(cache, b.p_max)
-    h_lm = captured["h"]  # [rows, suffix, d]
-    # Rows are ordered by request; each request's first row is its raw rewrite prompt.
-    h0 = h_lm.view(n, -1, *h_lm.shape[1:])[:, 0, 0]
-    h0 = h0.float()
+    h0 = ps.hidden[torch.tensor([ps.segs[ps.rewrite_seg[i][0]].suf_start for i in range(n)],
+                                device=device)].float()
     h0_norm = h0.norm(dim=-1)
-
     delta = torch.zeros(n, d, device=device)
     exp_avg = torch.zeros_like(delta)
     exp_avg_sq = torch.zeros_like(delta)
@@ -225,43 +433,42 @@ def _optimize_group(
         dict(steps=0, updates=0, stopped=False, loss=[], correct=[]) for _ in range(n)]
     kl_init = torch.zeros(n, head.weight.shape[0], device=device)
     active = torch.arange(n, device=device)
-    rows = torch.arange(len(b.row_req), device=device)
     softcap = getattr(model.config, "final_logit_softcapping", None)
 
-    with stand_ins(view, layer, captured["tuple"]) as replaced:
+    def reads() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Packed positions of the active requests' reads, their slots, and the KL positions."""
+        act = set(active.tolist())
+        sel = [q for q, r in enumerate(read_req.tolist()) if r in act]
+        local = torch.full((n,), -1, dtype=torch.long, device=device)
+        local[active] = torch.arange(len(active), device=device)
+        slot = read_slot_t[sel]
+        slot = local[slot // per_req] * per_req + slot % per_req
+        rr, rc = ps.slots([read_seg[q] for q in sel], [read_off[q] for q in sel])
+        kr, kc = ps.slots([ps.kl_seg[i] for i in active.tolist()], [0] * len(active))
+        return rr, rc, slot, torch.stack([kr, kc])
+
+    rr, rc, slot, kl_pos = reads()
+    with stand_ins(view, layer, ps.as_tuple) as replaced:
         for it in range(cfg.v_num_grad_steps):
             n_act = len(active)
             local = torch.full((n,), -1, dtype=torch.long, device=device)
             local[active] = torch.arange(n_act, device=device)
             d_act = delta[active].clone().requires_grad_(True)
-            row_local = local[b.row_req[rows]]
-            hidden = h_lm[rows]
-            first = hidden[:, :1] + d_act[row_local][:, None].to(hidden.dtype)
-            replaced[-1].hidden = torch.cat([first, hidden[:, 1:]], 1)
-            kwargs = {ckw: cache} if cache is not None else {}
-            out = base(input_ids=b.suf_ids[rows], attention_mask=full_mask[rows],
-                       position_ids=b.suf_pos[rows], use_cache=cache is not None, **kwargs)
-            last = out.last_hidden_state
-            if cache is not None:
-                _crop(cache, b.p_max)
-            # Map global row ids to positions in the active batch.
-            pos_in_batch = torch.full((len(b.row_req),), -1, dtype=torch.long, device=device)
-            pos_in_batch[rows] = torch.arange(len(rows), device=device)
-            rd = pos_in_batch[b.read_row].view(n, b.n_rw, b.t_max)[active].flatten()
-            rp = b.read_pos.view(n, b.n_rw, b.t_max)[active].flatten()
-            logits = _logits(head, last[rd, rp], softcap).view(n_act, b.n_rw, b.t_max, -1)
-            logp = torch.log_softmax(logits, dim=-1)
-            tg = b.targets[active]
-            target_logp = logp.gather(-1, tg[..., None])[..., 0]
-            kl_logits = _logits(head, last[pos_in_batch[b.kl_row[active]], 0], softcap)
-            kl_logp = torch.log_softmax(kl_logits, dim=-1)
+            last = ps.step(replaced[-1], d_act, local)
+            # Loss read-out: each target position once; unused slots stay 0 / "correct".
+            logp = torch.log_softmax(_logits(head, last[rr, rc], softcap), dim=-1)
+            tg = targets[active]
+            picked = logp.gather(-1, tg.flatten()[slot][:, None])[:, 0]
+            target_logp = torch.zeros(n_act * per_req, device=device).index_put(
+                (slot,), picked).view(n_act, n_rw, t_max)
+            pred = tg.flatten().index_put((slot,), logp.argmax(-1)).view_as(tg)
+            kl_logp = torch.log_softmax(_logits(head, last[kl_pos[0], kl_pos[1]], softcap), -1)
             if it == 0:
                 kl_init = kl_logp.detach().clone()
             loss, _ = value_loss(
-                target_logp, b.tmask[active], kl_logp, kl_init[active], d_act, h0_norm[active],
-                b.n_target[active], kl_factor=cfg.kl_factor, weight_decay=cfg.v_weight_decay)
-            correct = prompts_correct(logits.argmax(-1)[:, 1:], tg[:, 1:],
-                                      b.tmask[active][:, 1:]).all(-1)
+                target_logp, tmask[active], kl_logp, kl_init[active], d_act, h0_norm[active],
+                n_target[active], kl_factor=cfg.kl_factor, weight_decay=cfg.v_weight_decay)
+            correct = prompts_correct(pred[:, 1:], tg[:, 1:], tmask[active][:, 1:]).all(-1)
             keep = []
             for q, i in enumerate(active.tolist()):
                 res = results[i]
@@ -300,10 +507,9 @@ def _optimize_group(
                 progress.update(n_act - len(keep))
             if len(keep) < n_act:
                 active = cont
-                new_rows = b.rows_of(active)
-                if cache is not None:  # the cache holds the current rows, in order
-                    _select_rows(cache, pos_in_batch[new_rows])
-                rows = new_rows
+                keep_req = set(active.tolist())
+                ps.select([k for k, s in enumerate(ps.segs) if s.req in keep_req])
+                rr, rc, slot, kl_pos = reads()
     return [
         ValueResult(z=(h0[i] + delta[i]).float(), h0=h0[i], steps=r["steps"],
                     updates=r["updates"], mpes_stopped=r["stopped"], loss_history=r["loss"],

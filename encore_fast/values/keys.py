@@ -7,7 +7,9 @@ needs; right padding keeps positions exact.
 
 :class:`SubjectForwards` serves a whole batch's layer loop. With ``reuse_below=l_1`` (the fast
 engine) the blocks below the first edited layer, whose weights do not change while a batch is
-applied, run once per prompt chunk; later passes start from their recorded output.
+applied, run once per prompt chunk; later passes start from their recorded output, and
+:meth:`SubjectForwards.freeze_below` moves that start up as the loop finishes layers. The fast
+engine also drops the tokens after the last subject token (nothing read depends on them).
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ from encore_fast.values.templates import fill
 
 
 def _subject_rows(
-    tokenizer: Any, requests: Sequence[EditRequest], contexts: Sequence[str]
+    tokenizer: Any, requests: Sequence[EditRequest], contexts: Sequence[str], trim: bool = False
 ) -> tuple[list[list[int]], list[int]]:
     ids, lookup = [], []
     for req in requests:
         for ctx in contexts:
             template = fill(ctx, req.template)
-            ids.append(encode(tokenizer, template.replace("{}", req.subject, 1)))
-            lookup.append(subject_last_index(tokenizer, template, req.subject))
+            lk = subject_last_index(tokenizer, template, req.subject)
+            row = encode(tokenizer, template.replace("{}", req.subject, 1))
+            ids.append(row[: lk + 1] if trim else row)
+            lookup.append(lk)
     return ids, lookup
 
 
@@ -48,6 +52,7 @@ class _Chunks:
             idx = torch.tensor(lookup[s : s + chunk], device=dev)
             self.items.append((x, m, idx))
         self.start: list[torch.Tensor | None] = [None] * len(self.items)
+        self.start_layer = 0  # start[c] is the input of this block
         self.as_tuple = False
 
 
@@ -59,10 +64,17 @@ class SubjectForwards:
                  chunk: int = 64) -> None:
         self.view, self.n, self.n_ctx = view, len(requests), len(contexts)
         self.reuse_below = reuse_below if reuse_below else None  # block 0 has nothing below
-        self.keys_rows = _Chunks(view, tokenizer, *_subject_rows(tokenizer, requests, contexts),
-                                 chunk)
-        self.raw_rows = _Chunks(view, tokenizer, *_subject_rows(tokenizer, requests, ["{}"]),
-                                chunk)
+        trim = self.reuse_below is not None
+        self.keys_rows = _Chunks(
+            view, tokenizer, *_subject_rows(tokenizer, requests, contexts, trim), chunk)
+        self.raw_rows = _Chunks(
+            view, tokenizer, *_subject_rows(tokenizer, requests, ["{}"], trim), chunk)
+
+    def freeze_below(self, layer: int) -> None:
+        """Blocks below ``layer`` will not change any more (in this batch): later passes may
+        start at ``layer`` from recorded hidden states. No-op without ``reuse_below``."""
+        if self.reuse_below is not None and layer > self.reuse_below:
+            self.reuse_below = layer
 
     @torch.no_grad()
     def _run(self, rows: _Chunks, kind: str, layer: int) -> list[torch.Tensor]:
@@ -70,11 +82,14 @@ class SubjectForwards:
         of its edited matrix (``kind="mlp_in"``) or its output (``kind="block_out"``)."""
         view, out = self.view, []
         captured: dict[str, torch.Tensor] = {}
+        reuse = self.reuse_below
+        # Record the input of block `reuse` in this pass unless it is already where we start.
+        record = reuse is not None and reuse - 1 <= layer and (
+            rows.start[0] is None or rows.start_layer < reuse)
+        begin = rows.start_layer
         for c, (x, m, idx) in enumerate(rows.items):
             handles = []
-            reuse = self.reuse_below
-            first = reuse is not None and rows.start[c] is None
-            if first:
+            if record:
                 def keep_start(_mod: Any, _a: Any, output: Any, c: int = c) -> None:
                     rows.start[c] = block_hidden(output).detach()
                     rows.as_tuple = not isinstance(output, torch.Tensor)
@@ -89,10 +104,11 @@ class SubjectForwards:
             def stop(_m: Any, _a: Any, _o: Any) -> None:
                 raise StopForward
             handles.append(view.blocks[layer].register_forward_hook(stop))
+            start = rows.start[c]
             try:
-                if reuse is not None and not first:
-                    with stand_ins(view, reuse - 1, rows.as_tuple) as replaced:
-                        replaced[-1].hidden = rows.start[c]
+                if start is not None:
+                    with stand_ins(view, begin - 1, rows.as_tuple) as replaced:
+                        replaced[-1].hidden = start
                         run_until(view.model, input_ids=x, attention_mask=m)
                 else:
                     run_until(view.model, input_ids=x, attention_mask=m)
@@ -100,6 +116,8 @@ class SubjectForwards:
                 for h in handles:
                     h.remove()
             out.append(captured["h"][torch.arange(len(idx), device=idx.device), idx].float())
+        if record and reuse is not None:
+            rows.start_layer = reuse
         return out
 
     def keys(self, layer: int) -> torch.Tensor:
