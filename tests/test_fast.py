@@ -95,3 +95,88 @@ def test_three_batches_match_reference(tiny_models, tokenizer, corpus, data_dir,
         assert not torch.equal(w_ref, w0)
         assert _rel(w_fast, w_ref) < 1e-4
         assert _rel(w_fast - w0, w_ref - w0) < 1e-3  # the edits themselves agree too
+
+
+def test_pack_places_every_item_once_within_the_width():
+    lengths = [5, 1, 1, 3, 2, 5, 4, 1, 2, 2, 3]
+    rows = fast._pack(lengths)
+    placed = sorted(i for row in rows for i in row)
+    assert placed == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= max(lengths) for row in rows)
+    # First-fit decreasing fills the gaps: no more rows than twice the lower bound.
+    assert len(rows) <= 2 * -(-sum(lengths) // max(lengths))
+
+
+def _naive_attention(q, k, v, mask, scale):
+    """Repeat keys per query head, explicit softmax: what packed_attention must equal."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    w = torch.softmax((q @ k.transpose(-1, -2)) * scale + mask, -1)
+    return (w @ v).transpose(1, 2)
+
+
+def test_packed_attention_matches_naive_with_fixed_prefix():
+    g = torch.Generator().manual_seed(0)
+    b, h, h_kv, q_len, p_len, hd = 3, 6, 2, 5, 7, 8
+    q = torch.randn(b, h, q_len, hd, generator=g, requires_grad=True)
+    k_new = torch.randn(b, h_kv, q_len, hd, generator=g, requires_grad=True)
+    v_new = torch.randn(b, h_kv, q_len, hd, generator=g, requires_grad=True)
+    k_pre = torch.randn(b, h_kv, p_len, hd, generator=g, requires_grad=True)
+    v_pre = torch.randn(b, h_kv, p_len, hd, generator=g, requires_grad=True)
+    allowed = torch.rand(b, 1, q_len, p_len + q_len, generator=g) > 0.4
+    allowed[..., p_len:] |= torch.eye(q_len, dtype=torch.bool)  # no empty rows
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    module = torch.nn.Linear(1, 1)
+    fixed = fast._Fixed()
+    fixed.prefix = {module: (k_pre, v_pre)}
+    with _fixed_only(fixed):
+        got, _ = fast.packed_attention(module, q, k_new, v_new, mask, scaling=0.3)
+    want = _naive_attention(q, torch.cat([k_pre, k_new], 2), torch.cat([v_pre, v_new], 2),
+                            mask, 0.3)
+    assert torch.allclose(got, want, atol=1e-5)
+    got.square().sum().backward()
+    assert k_pre.grad is None and v_pre.grad is None  # constants: no gradient computed
+    grads = [t.grad.clone() for t in (q, k_new, v_new)]
+    for t in (q, k_new, v_new):
+        t.grad = None
+    want.square().sum().backward()
+    for got_g, t in zip(grads, (q, k_new, v_new), strict=True):
+        assert torch.allclose(got_g, t.grad, atol=1e-4)
+
+
+class _fixed_only:
+    """Install a _Fixed store for packed_attention without touching any model config."""
+
+    def __init__(self, fixed):
+        self.fixed = fixed
+
+    def __enter__(self):
+        self.before, fast._FIXED = fast._FIXED, self.fixed
+
+    def __exit__(self, *exc):
+        fast._FIXED = self.before
+
+
+def test_attention_implementation_restored_and_window_checked(tokenizer):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=4,
+        max_position_embeddings=64)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    before = model.config._attn_implementation
+    cfg = make_config("encore", None, layers=[1], v_num_grad_steps=2)
+    prompts = [build_value_prompts(tokenizer, EditRequest("The mother tongue of {} is",
+                                                          "Danielle Darrieux", "English"),
+                                   CONTEXTS)]
+    with pytest.raises(ValueError, match="sliding attention window"):
+        fast.optimize_values(ModelView(model), tokenizer, prompts, 1, cfg)
+    assert model.config._attn_implementation == before
+    model.config.sliding_window = 4096  # prompts fit: the packed path runs and agrees
+    got = fast.optimize_values(ModelView(model), tokenizer, prompts, 1, cfg)
+    ref = reference.optimize_values(ModelView(model), tokenizer, prompts, 1, cfg)
+    assert _rel(got[0].z, ref[0].z) < 1e-4
+    assert model.config._attn_implementation == before

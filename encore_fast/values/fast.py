@@ -86,6 +86,7 @@ def packed_attention(
     scores = qg @ key.transpose(-1, -2)
     pre = fixed.prefix.get(module) if fixed is not None else None
     if pre is not None:
+        pre = (pre[0].detach(), pre[1].detach())
         scores = torch.cat([qg @ pre[0].transpose(-1, -2), scores], -1)
     k = scores.shape[-1]
     scores = scores.view(b, h_kv, g, q, k) * (scaling if scaling is not None else hd**-0.5)
@@ -397,6 +398,13 @@ def _optimize(
     device = view.device
     head = model.get_output_embeddings()
     ps = _Prompts(prompts, view, layer, pad_id_of(tokenizer), fixed)
+    window = getattr(model.config, "sliding_window", None)
+    longest = max(len(s.pre) + len(s.suf) for s in ps.segs)
+    if isinstance(window, int) and longest > window:
+        raise ValueError(
+            f"a value prompt has {longest} tokens, more than the model's sliding attention "
+            f"window ({window}), which the fast engine's packed attention does not apply; "
+            "use engine='reference'")
     ps.prepare()
     n, d = len(prompts), view.d_model
     n_rw = prompts[0].n_rewrite
