@@ -322,6 +322,10 @@ class _Prompts:
             flat_h = self.hidden.new_empty(self.n_suf, self.hidden.shape[-1])
             flat_h[lay.q_idx[lay.q_valid]] = self.hidden[lay.q_valid]
             self.hidden = flat_h
+        # The steps run stand-ins up to l_m: their prefixes are no longer needed.
+        below = {m for block in self.view.blocks[: self.layer + 1] for m in block.modules()}
+        self.prefix_kv = {m: kv for m, kv in self.prefix_kv.items() if m not in below}
+        self.fixed.prefix = {m: kv for m, kv in self.fixed.prefix.items() if m not in below}
 
     # -- every step -------------------------------------------------------------------------
     def _set_fixed(self, lay: _Layout) -> None:
@@ -367,6 +371,51 @@ class _Prompts:
         return lay.seg_row[k], lay.seg_col[k] + torch.tensor(list(offset), device=self.device)
 
 
+class _Targets:
+    """Where the loss reads: each target token of each rewrite prompt once, in the
+    ``[request, rewrite prompt, target position]`` layout (unused slots masked), and each
+    request's KL position."""
+
+    def __init__(self, prompts: Sequence[ValuePrompts], ps: _Prompts,
+                 device: torch.device) -> None:
+        self.ps, self.device, self.n = ps, device, len(prompts)
+        self.n_rw = n_rw = prompts[0].n_rewrite
+        self.t_max = t_max = max(len(p.target_ids) for p in prompts)
+        self.per_req = n_rw * t_max
+        self.seg: list[int] = []
+        self.offset: list[int] = []
+        slots = []
+        for i, p in enumerate(prompts):
+            for j, k in enumerate(ps.rewrite_seg[i]):
+                for q in range(len(p.target_ids)):
+                    self.seg.append(k)
+                    self.offset.append(p.target_start[j] - p.lookup[j] + q)
+                    slots.append((i * n_rw + j) * t_max + q)
+        self.req = [ps.segs[k].req for k in self.seg]
+        self.slot = torch.tensor(slots, device=device)
+        targets = torch.zeros(self.n, n_rw, t_max, dtype=torch.long)
+        mask = torch.zeros(self.n, n_rw, t_max)
+        for i, p in enumerate(prompts):
+            targets[i, :, : len(p.target_ids)] = torch.tensor(p.target_ids)
+            mask[i, :, : len(p.target_ids)] = 1.0
+        self.targets, self.mask = targets.to(device), mask.to(device)
+        self.n_target = torch.tensor([float(len(p.target_ids)) for p in prompts], device=device)
+
+    def positions(self, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                       torch.Tensor, torch.Tensor]:
+        """For the active requests, in the current packing: rows and columns of the reads,
+        their slots in the ``[n_active, n_rewrite, t_max]`` layout, and the KL positions."""
+        act = set(active.tolist())
+        sel = [q for q, r in enumerate(self.req) if r in act]
+        local = torch.full((self.n,), -1, dtype=torch.long, device=self.device)
+        local[active] = torch.arange(len(active), device=self.device)
+        slot = self.slot[sel]
+        slot = local[slot // self.per_req] * self.per_req + slot % self.per_req
+        rr, rc = self.ps.slots([self.seg[q] for q in sel], [self.offset[q] for q in sel])
+        kr, kc = self.ps.slots([self.ps.kl_seg[i] for i in active.tolist()], [0] * len(act))
+        return rr, rc, slot, torch.stack([kr, kc])
+
+
 def optimize_values(
     view: ModelView,
     tokenizer: Any,
@@ -407,29 +456,9 @@ def _optimize(
             "use engine='reference'")
     ps.prepare()
     n, d = len(prompts), view.d_model
-    n_rw = prompts[0].n_rewrite
-    t_max = max(len(p.target_ids) for p in prompts)
-    per_req = n_rw * t_max
-
-    # Where the loss reads: each target token of each rewrite prompt once, in the
-    # [request, rewrite prompt, target position] layout (unused slots masked).
-    read_seg, read_off, read_slot = [], [], []
-    for i, p in enumerate(prompts):
-        for j, k in enumerate(ps.rewrite_seg[i]):
-            for q in range(len(p.target_ids)):
-                read_seg.append(k)
-                read_off.append(p.target_start[j] - p.lookup[j] + q)
-                read_slot.append((i * n_rw + j) * t_max + q)
-    read_req = torch.tensor([ps.segs[k].req for k in read_seg])
-    read_slot_t = torch.tensor(read_slot, device=device)
-    targets = torch.zeros(n, n_rw, t_max, dtype=torch.long)
-    tmask = torch.zeros(n, n_rw, t_max)
-    for i, p in enumerate(prompts):
-        targets[i, :, : len(p.target_ids)] = torch.tensor(p.target_ids)
-        tmask[i, :, : len(p.target_ids)] = 1.0
-    targets, tmask = targets.to(device), tmask.to(device)
-    n_target = torch.tensor([float(len(p.target_ids)) for p in prompts], device=device)
-
+    tg_all = _Targets(prompts, ps, device)
+    n_rw, t_max, per_req = tg_all.n_rw, tg_all.t_max, tg_all.per_req
+    targets, tmask, n_target = tg_all.targets, tg_all.mask, tg_all.n_target
     h0 = ps.hidden[torch.tensor([ps.segs[ps.rewrite_seg[i][0]].suf_start for i in range(n)],
                                 device=device)].float()
     h0_norm = h0.norm(dim=-1)
@@ -443,19 +472,7 @@ def _optimize(
     active = torch.arange(n, device=device)
     softcap = getattr(model.config, "final_logit_softcapping", None)
 
-    def reads() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Packed positions of the active requests' reads, their slots, and the KL positions."""
-        act = set(active.tolist())
-        sel = [q for q, r in enumerate(read_req.tolist()) if r in act]
-        local = torch.full((n,), -1, dtype=torch.long, device=device)
-        local[active] = torch.arange(len(active), device=device)
-        slot = read_slot_t[sel]
-        slot = local[slot // per_req] * per_req + slot % per_req
-        rr, rc = ps.slots([read_seg[q] for q in sel], [read_off[q] for q in sel])
-        kr, kc = ps.slots([ps.kl_seg[i] for i in active.tolist()], [0] * len(active))
-        return rr, rc, slot, torch.stack([kr, kc])
-
-    rr, rc, slot, kl_pos = reads()
+    rr, rc, slot, kl_pos = tg_all.positions(active)
     with stand_ins(view, layer, ps.as_tuple) as replaced:
         for it in range(cfg.v_num_grad_steps):
             n_act = len(active)
@@ -517,7 +534,7 @@ def _optimize(
                 active = cont
                 keep_req = set(active.tolist())
                 ps.select([k for k, s in enumerate(ps.segs) if s.req in keep_req])
-                rr, rc, slot, kl_pos = reads()
+                rr, rc, slot, kl_pos = tg_all.positions(active)
     return [
         ValueResult(z=(h0[i] + delta[i]).float(), h0=h0[i], steps=r["steps"],
                     updates=r["updates"], mpes_stopped=r["stopped"], loss_history=r["loss"],
