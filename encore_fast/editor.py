@@ -324,8 +324,24 @@ class Editor:
         """The solver of ``layer``: Woodbury (fast engine, built from ``C0`` and ``S``) or the
         rule's direct float64 solve (reference engine)."""
         if layer not in self._solvers:
-            kind = WoodburySolver if self.engine == "fast" else DirectSolver
-            self._solvers[layer] = kind(self.rule, self.layer_states()[layer], self.hparams)
+            state = self.layer_states()[layer]
+            solver: DirectSolver | WoodburySolver | None = None
+            if self.engine == "fast":
+                try:
+                    solver = WoodburySolver(self.rule, state, self.hparams)
+                except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+                    import warnings
+
+                    if type(exc) is RuntimeError and "allocate" not in str(exc):
+                        raise  # CPU allocation failures are RuntimeErrors; nothing else is ours
+
+                    d = state.c0.shape[0]
+                    warnings.warn(
+                        f"layer {layer}: the Woodbury solver's float64 {d}x{d} inverse "
+                        f"({d * d * 8 / 2**30:.2f} GiB) does not fit on {state.c0.device} "
+                        f"({type(exc).__name__}); solving the full system each batch instead "
+                        "(same result, slower)", stacklevel=3)
+            self._solvers[layer] = solver or DirectSolver(self.rule, state, self.hparams)
         return self._solvers[layer]
 
     def _on_state_change(self) -> None:

@@ -180,3 +180,29 @@ def test_attention_implementation_restored_and_window_checked(tokenizer):
     ref = reference.optimize_values(ModelView(model), tokenizer, prompts, 1, cfg)
     assert _rel(got[0].z, ref[0].z) < 1e-4
     assert model.config._attn_implementation == before
+
+
+def test_solver_falls_back_to_direct_when_the_inverse_does_not_fit(
+        tiny_models, tokenizer, corpus, data_dir, monkeypatch):
+    import encore_fast.editor as editor_mod
+
+    def no_room(*_a, **_k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.6 GiB")
+
+    settings = dict(layers=[2, 3], v_num_grad_steps=4, stats_samples=16, stats_max_length=32,
+                    lambda_p=10.0, lambda_n=1.0)
+    eds = {}
+    for name in ("woodbury", "fallback"):
+        if name == "fallback":
+            monkeypatch.setattr(editor_mod, "WoodburySolver", no_room)
+        ed = Editor(copy.deepcopy(tiny_models["llama"]), tokenizer, "encore", preset=None,
+                    corpus=corpus, stats_cache=False, progress=False, **settings)
+        if name == "fallback":
+            with pytest.warns(UserWarning, match="does not fit"):
+                ed.edit(_requests(data_dir, 40, 4), batch_size=2)
+            assert all(type(s).__name__ == "DirectSolver" for s in ed._solvers.values())
+        else:
+            ed.edit(_requests(data_dir, 40, 4), batch_size=2)
+        eds[name] = ed
+    for layer in settings["layers"]:
+        assert _rel(eds["fallback"].view.weight(layer), eds["woodbury"].view.weight(layer)) < 1e-5
