@@ -48,13 +48,13 @@ def device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def synthetic_model(name: str, device: str, dtype: torch.dtype):
+def synthetic_model(name: str, device: str, dtype: torch.dtype, tokenizer: str | None = None):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from encore_fast.models import bundled_model_dir, prepare_tokenizer
 
     kwargs, layers = SYNTHETIC[name]
-    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(bundled_model_dir()))
+    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer or bundled_model_dir()))
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(LlamaConfig(**kwargs)).to(dtype).eval()
@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--engines", default="reference,fast")
     p.add_argument("--out", default=None, help="CSV file to append a row to")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder for --synthetic (default: the bundled model's)")
     args = p.parse_args(argv)
 
     data = default_data_dir()
@@ -91,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides: dict = {}
     if args.synthetic:
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-        model, tok, layers, stats = synthetic_model(args.synthetic, args.device, dtype)
+        model, tok, layers, stats = synthetic_model(args.synthetic, args.device, dtype,
+                                                    args.tokenizer)
         overrides = dict(layers=layers, mpes_extra_steps=None, loss_cutoff=-1.0,
                          v_num_grad_steps=args.steps or 25)
         preset, model_label = None, f"synthetic {args.synthetic} ({dtype})"
