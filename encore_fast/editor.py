@@ -82,6 +82,8 @@ class Editor:
         stats: precomputed ``{layer: C0}`` (skips the corpus).
         stats_cache: folder for cached ``C0`` (default ``<cache>/stats``; False disables).
         arch: an :class:`ArchSpec` for architectures that are not detected.
+        max_value_tokens: the fast engine's limit on prompt tokens per forward pass of the value
+            optimisation; larger batches are optimised in chunks (same result, less memory).
         **overrides: any :class:`EditConfig` field (``layers``, ``lambda_p``, ...).
     """
 
@@ -99,6 +101,7 @@ class Editor:
         arch: ArchSpec | None = None,
         model_name: str | None = None,
         progress: bool = True,
+        max_value_tokens: int = 8192,
         **overrides: Any,
     ) -> None:
         if engine not in ENGINES:
@@ -117,6 +120,7 @@ class Editor:
         self.corpus = corpus
         self.stats_cache = stats_cache
         self.progress = progress
+        self.max_value_tokens = max_value_tokens
         self.fingerprint = model_fingerprint(model)
         self._given_stats = dict(stats) if stats is not None else None
         self._states: dict[int, LayerState] | None = None
@@ -245,9 +249,14 @@ class Editor:
         with _frozen(self.model):
             if self.engine == "fast":
                 from encore_fast.values.fast import optimize_values
+
+                values = optimize_values(view, self.tokenizer, prompts, z_layer, cfg,
+                                         progress=bar, max_tokens=self.max_value_tokens)
             else:
-                from encore_fast.values.reference import optimize_values
-            values = optimize_values(view, self.tokenizer, prompts, z_layer, cfg, progress=bar)
+                from encore_fast.values.reference import optimize_values as reference_values
+
+                values = reference_values(view, self.tokenizer, prompts, z_layer, cfg,
+                                          progress=bar)
         t1 = time.perf_counter()
         zs = torch.stack([v.z for v in values])
         batch = _Batch(requests=list(reqs))

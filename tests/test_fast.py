@@ -206,3 +206,18 @@ def test_solver_falls_back_to_direct_when_the_inverse_does_not_fit(
         eds[name] = ed
     for layer in settings["layers"]:
         assert _rel(eds["fallback"].view.weight(layer), eds["woodbury"].view.weight(layer)) < 1e-5
+
+
+def test_chunked_value_optimisation_gives_the_same_values(tiny_models, tokenizer, data_dir):
+    view = ModelView(copy.deepcopy(tiny_models["llama"]))
+    for p in view.model.parameters():
+        p.requires_grad_(False)
+    cfg = make_config("encore", None, layers=[2, 3], v_num_grad_steps=6, mpes_extra_steps=1,
+                      clamp_norm_factor=4.0, v_lr=0.3)
+    prompts = [build_value_prompts(tokenizer, r, CONTEXTS) for r in _requests(data_dir, 60, 5)]
+    together = fast.optimize_values(view, tokenizer, prompts, 3, cfg)
+    one_by_one = fast.optimize_values(view, tokenizer, prompts, 3, cfg, max_tokens=1)
+    for a, b in zip(together, one_by_one, strict=True):
+        assert _rel(b.z, a.z) < 1e-5 and (a.steps, a.mpes_stopped) == (b.steps, b.mpes_stopped)
+    with pytest.raises(ValueError, match="max_tokens"):
+        fast.optimize_values(view, tokenizer, prompts, 3, cfg, max_tokens=0)

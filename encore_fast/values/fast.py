@@ -40,6 +40,7 @@ from encore_fast.values.reference import ValueResult
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 ATTENTION = "encore_fast_packed"
+MAX_TOKENS = 8192  # default suffix tokens per packed forward (see optimize_values)
 
 
 class _Fixed:
@@ -423,15 +424,33 @@ def optimize_values(
     layer: int,
     cfg: EditConfig,
     progress: Any = None,
+    max_tokens: int = MAX_TOKENS,
 ) -> list[ValueResult]:
-    """Fast engine: optimise the values of all requests together (same result as reference)."""
+    """Fast engine: optimise the values of all requests together (same result as reference).
+
+    Requests are independent, so a batch whose prompts have more than ``max_tokens`` suffix
+    tokens in all (what one forward pass holds, and what the backward keeps activations for)
+    is optimised in consecutive chunks of at most that many.
+    """
     if not prompts:
         return []
     if len({p.n_prompts for p in prompts}) != 1:
         raise ValueError("all requests must use the same context templates")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    chunks: list[list[ValuePrompts]] = [[]]
+    size = 0
+    for p in prompts:
+        tokens = sum(len(ids) - lk for ids, lk in zip(p.input_ids, p.lookup, strict=True))
+        if chunks[-1] and size + tokens > max_tokens:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(p)
+        size += tokens
     fixed = _Fixed()
     with _packed_attention(view.model, fixed):
-        return _optimize(view, tokenizer, prompts, layer, cfg, fixed, progress)
+        return [r for chunk in chunks
+                for r in _optimize(view, tokenizer, chunk, layer, cfg, fixed, progress)]
 
 
 def _optimize(
