@@ -514,12 +514,13 @@ def _optimize(
                 n_target[active], kl_factor=cfg.kl_factor, weight_decay=cfg.v_weight_decay)
             correct = prompts_correct(pred[:, 1:], tg[:, 1:], tmask[active][:, 1:]).all(-1)
             keep = []
+            losses, corrects = loss.detach().tolist(), correct.tolist()  # one device sync
             for q, i in enumerate(active.tolist()):
                 res = results[i]
                 res["steps"] += 1
-                res["loss"].append(float(loss[q].detach()))
-                res["correct"].append(bool(correct[q]))
-                if mpes[i].update(bool(correct[q])):
+                res["loss"].append(losses[q])
+                res["correct"].append(corrects[q])
+                if mpes[i].update(corrects[q]):
                     res["stopped"] = True
                 elif res["loss"][-1] < cfg.loss_cutoff or it == cfg.v_num_grad_steps - 1:
                     pass
