@@ -75,3 +75,29 @@ def test_fast_engine_matches_reference_on_smollm2(smollm2, c0, records, method):
         w0 = ref._original[layer]
         assert float((w_fast - w_ref).norm() / w_ref.norm()) < 1e-4
         assert float(((w_fast - w0) - (w_ref - w0)).norm() / (w_ref - w0).norm()) < 1e-3
+
+
+def test_fast_values_match_reference_on_smollm2(smollm2, records):
+    from encore_fast.config import make_config
+    from encore_fast.values import fast, reference
+    from encore_fast.values.prompts import build_value_prompts
+
+    model, tok = smollm2
+    ed = Editor(model, tok, "encore", "smollm2-135m", stats={}, progress=False)
+    contexts = ed.context_templates
+    prompts = [build_value_prompts(tok, EditRequest.from_dict(r), contexts)
+               for r in records[120:124]]
+    cfg = make_config("encore", "smollm2-135m")
+    flags = [p.requires_grad for p in model.parameters()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        ref = reference.optimize_values(ed.view, tok, prompts, LAYERS[-1], cfg)
+        got = fast.optimize_values(ed.view, tok, prompts, LAYERS[-1], cfg)
+    finally:
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+    assert any(r.mpes_stopped for r in ref)
+    for r, g in zip(ref, got, strict=True):
+        assert float((g.z - r.z).norm() / r.z.norm()) < 1e-4
+        assert (g.steps, g.updates, g.mpes_stopped) == (r.steps, r.updates, r.mpes_stopped)
