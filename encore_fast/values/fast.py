@@ -6,8 +6,10 @@ Computes the same ``z`` as :mod:`encore_fast.values.reference` (DESIGN.md §3):
   per-row Adam, clamp, loss cut-off, step limit and MPES reproduce each request's own trajectory.
   A request that stops leaves the batch (its tokens are no longer computed).
 * **Prefix reuse**: tokens before the last subject token are not affected by δ (causal
-  attention). Their keys and values are computed once; each step runs only the suffix (from the
-  last subject token on), attending to them.
+  attention). Their keys and values are computed once (the context text that every request's
+  prompt of a template starts with, once for the whole batch); each step runs only the suffix
+  (from the last subject token on), attending to them through :func:`packed_attention`, which
+  computes no gradient for them.
 * **Layer skip**: blocks up to the edited block ``l_m`` are not affected by δ either. Their
   output for the suffix tokens is computed once; during the steps those blocks are replaced by
   stand-ins that return it (plus δ at the subject position).
