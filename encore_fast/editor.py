@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -339,8 +340,6 @@ class Editor:
                 try:
                     solver = WoodburySolver(self.rule, state, self.hparams)
                 except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
-                    import warnings
-
                     if type(exc) is RuntimeError and "allocate" not in str(exc):
                         raise  # CPU allocation failures are RuntimeErrors; nothing else is ours
 
@@ -437,8 +436,6 @@ def sample_corpus(model: torch.nn.Module, tokenizer: Any, n: int = 64, length: i
                   seed: int = 0) -> list[str]:
     """Texts sampled from the model itself: the fallback corpus for ``C0`` when no text is
     available offline (a warning says so; real text is better)."""
-    import warnings
-
     warnings.warn("no corpus given and no WikiText-2 found: estimating C0 from text sampled "
                   "from the model (pass corpus=... for real text)", stacklevel=3)
     torch.manual_seed(seed)
