@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -138,9 +138,9 @@ class _Segment:
     pre: list[int]
     suf: list[int]
     suf_start: int
-    shared: int = 0
-    own_start: int = 0
-    kv: list[int] = field(default_factory=list)
+    shared: int
+    own_start: int
+    kv: list[int]
 
 
 def _pack(lengths: Sequence[int]) -> list[list[int]]:
@@ -175,7 +175,7 @@ class _Layout:
         rows = _pack([len(q) for q in query])
         r_n, width = len(rows), max(len(q) for q in query)
         kv_w = max(sum(len(kv[k]) for k in row) for row in rows)
-        self.rows, self.width, self.kv_width = r_n, width, kv_w
+        self.kv_width = kv_w
         q_idx = torch.full((r_n, width), -1, dtype=torch.long)
         q_seg = torch.full((r_n, width), -1, dtype=torch.long)
         kv_idx = torch.full((r_n, kv_w), -1, dtype=torch.long)
