@@ -7,8 +7,11 @@ give the papers' settings per model; every field can be overridden by keyword.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from encore_fast.errors import ConfigError
 
 METHODS = ("encore", "memit", "memit-seq", "alphaedit")
 
@@ -52,8 +55,43 @@ class EditConfig:
         names = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - names)
         if unknown:
-            raise TypeError(f"unknown setting(s) {unknown}; valid: {sorted(names)}")
+            raise ConfigError(f"unknown setting(s) {unknown}; valid: {sorted(names)}")
         return dataclasses.replace(self, **overrides)
+
+    def validate(self, num_layers: int | None = None) -> EditConfig:
+        """Raise :class:`ConfigError` naming the first setting of the wrong type or range."""
+        layers = self.layers
+        if (not isinstance(layers, (list, tuple)) or not layers
+                or not all(_is_int(x) for x in layers)):
+            raise ConfigError(f"layers must be a non-empty list of layer indices, got {layers!r}")
+        if sorted(set(layers)) != list(layers):
+            raise ConfigError(f"layers must be a non-empty ascending list, got {layers}")
+        if num_layers is not None:
+            bad = [layer for layer in layers if not 0 <= layer < num_layers]
+            if bad:
+                raise ConfigError(f"layers {bad} do not exist: the model has {num_layers} layers")
+        for name, low in _INT_MIN.items():
+            value = getattr(self, name)
+            if not _is_int(value) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.mpes_extra_steps is not None and (
+                not _is_int(self.mpes_extra_steps) or self.mpes_extra_steps < 0):
+            raise ConfigError("mpes_extra_steps must be None (no MPES) or an integer >= 0, "
+                              f"got {self.mpes_extra_steps!r}")
+        for name, positive in _FLOATS.items():
+            value = getattr(self, name)
+            ok = _is_number(value) and math.isfinite(value) and (
+                value > 0 if positive else value >= 0)
+            if not ok:
+                raise ConfigError(f"{name} must be a finite number {'>' if positive else '>='} "
+                                  f"0, got {value!r}")
+        if not isinstance(self.null_space_relative, bool):
+            raise ConfigError(f"null_space_relative must be true or false, got "
+                              f"{self.null_space_relative!r}")
+        words = self.context_words
+        if isinstance(words, str) or not all(isinstance(w, str) and w.strip() for w in words):
+            raise ConfigError(f"context_words must be a list of non-empty words, got {words!r}")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -66,6 +104,21 @@ class EditConfig:
         if "context_words" in d:
             d["context_words"] = tuple(d["context_words"])
         return cls(**d)
+
+
+_INT_MIN = dict(v_num_grad_steps=1, batch_size=1, stats_samples=1, stats_max_length=2,
+                context_seed=0, context_length=1, max_prompt_length=2)
+_FLOATS = dict(lambda_p=False, lambda_n=False, v_lr=True, v_weight_decay=False,
+               clamp_norm_factor=True, kl_factor=False, loss_cutoff=False, alpha=True,
+               null_space_threshold=False)  # name -> must be > 0 (else >= 0)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 _LLAMA3 = dict(layers=[4, 5, 6, 7, 8], lambda_p=15000.0, v_lr=0.5, v_weight_decay=0.5,
@@ -138,11 +191,11 @@ def make_config(
     is told to tune λ_p / λ_n / τ for the model's key scale; see README).
     """
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        raise ConfigError(f"unknown method {method!r}; choose one of {METHODS}")
     base_method = "memit" if method.startswith("memit") else method
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; available: {sorted(PRESETS)}")
+            raise ConfigError(f"unknown preset {preset!r}; available: {sorted(PRESETS)}")
         settings = dict(PRESETS[preset][base_method])
     else:
         settings = dict(PRESETS["llama3-8b"][base_method])
@@ -152,10 +205,8 @@ def make_config(
     if method != "encore" and "mpes_extra_steps" not in overrides:
         cfg = cfg.replace(mpes_extra_steps=None)
     cfg = cfg.replace(**overrides)
-    if num_layers is not None:
-        bad = [layer for layer in cfg.layers if not 0 <= layer < num_layers]
-        if bad:
-            raise ValueError(f"layers {bad} do not exist: the model has {num_layers} layers")
-    if not cfg.layers or sorted(set(cfg.layers)) != list(cfg.layers):
-        raise ValueError(f"layers must be a non-empty ascending list, got {cfg.layers}")
-    return cfg
+    if isinstance(cfg.context_words, list):
+        cfg = cfg.replace(context_words=tuple(cfg.context_words))
+    if isinstance(cfg.layers, tuple):
+        cfg = cfg.replace(layers=list(cfg.layers))
+    return cfg.validate(num_layers)

@@ -9,35 +9,46 @@ applied low-rank factors, which is what undo, save and load replay.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from encore_fast.config import EditConfig, guess_preset, make_config
+from encore_fast.errors import (
+    ConfigError,
+    EditError,
+    EditorConflictError,
+    EditsFileError,
+)
+from encore_fast.io import atomic_save, tensors_digest
 from encore_fast.kernels import apply_lowrank_update_
 from encore_fast.methods import LayerState, get_rule
 from encore_fast.methods.solver import DirectSolver, WoodburySolver
 from encore_fast.models.arch import ArchSpec, ModelView
-from encore_fast.models.fingerprint import model_fingerprint
+from encore_fast.models.fingerprint import model_fingerprint, weights_fingerprint
 from encore_fast.models.loading import load_model, prepare_tokenizer
 from encore_fast.paths import default_corpus
 from encore_fast.requests import EditRequest, as_requests, encode, validate_requests
-from encore_fast.stats import second_moments
+from encore_fast.stats import check_second_moments, second_moments
 from encore_fast.values.keys import SubjectForwards
 from encore_fast.values.prompts import build_value_prompts
 from encore_fast.values.templates import generate_context_templates
 
 EDITS_FORMAT = "encore_fast.edits/1"
 ENGINES = ("reference", "fast")
+_HOLDERS: weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref[Editor]] = (
+    weakref.WeakKeyDictionary())  # model -> the live editor that edits it
 
 
 @dataclass
@@ -85,7 +96,18 @@ class Editor:
         arch: an :class:`ArchSpec` for architectures that are not detected.
         max_value_tokens: the fast engine's limit on prompt tokens per forward pass of the value
             optimisation; larger batches are optimised in chunks (same result, less memory).
+        master_weights: keep an fp32 copy of each edited matrix of a 16-bit model and add the
+            updates there, refreshing the model's weight from it (round-to-nearest) after each
+            batch, so rounding does not pile up over thousands of edits; undo, reset, save/load
+            and the reported norms work on the masters. Default: on for fp16/bf16 models
+            (costs 4 bytes per edited weight); no effect on fp32 models.
         **overrides: any :class:`EditConfig` field (``layers``, ``lambda_p``, ...).
+
+    One editor per model: it owns the edited matrices' history, so a second ``Editor`` on the
+    same model object, while the first is alive, raises :class:`EditorConflictError` (two
+    would silently undo each other's edits); :meth:`release` the first, or edit a copy.
+    Each batch is all-or-nothing: if anything fails, the model, ``S``, solver state and
+    history are as before the batch (:class:`EditError` names the layer and why).
     """
 
     def __init__(
@@ -103,10 +125,19 @@ class Editor:
         model_name: str | None = None,
         progress: bool = True,
         max_value_tokens: int = 8192,
+        master_weights: bool | None = None,
         **overrides: Any,
     ) -> None:
         if engine not in ENGINES:
-            raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+            raise ConfigError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+        if not isinstance(max_value_tokens, int) or max_value_tokens < 1:
+            raise ConfigError(f"max_value_tokens must be an integer >= 1, got {max_value_tokens!r}")
+        holder = _HOLDERS.get(model)
+        if holder is not None and holder() is not None:
+            raise EditorConflictError(
+                "this model object is already edited by another live Editor (it holds the "
+                "history and sequential state, so two would silently undo each other's "
+                "edits); use that editor, call its release(), or edit copy.deepcopy(model)")
         self.model = model
         self.tokenizer = prepare_tokenizer(tokenizer)
         self.view = ModelView(model, arch)
@@ -123,12 +154,42 @@ class Editor:
         self.progress = progress
         self.max_value_tokens = max_value_tokens
         self.fingerprint = model_fingerprint(model)
-        self._given_stats = dict(stats) if stats is not None else None
+        self._weights_fingerprint: str | None = None
+        self._given_stats = self._check_given_stats(stats) if stats is not None else None
         self._states: dict[int, LayerState] | None = None
         self._contexts: list[str] | None = None
         self._original = {l: self.view.weight(l).detach().clone() for l in self.hparams.layers}
+        half = self.view.dtype in (torch.float16, torch.bfloat16)
+        self.master_weights = half and (master_weights is None or bool(master_weights))
+        self._masters: dict[int, torch.Tensor] = {
+            l: w0.float() for l, w0 in self._original.items()} if self.master_weights else {}
         self._history: list[_Batch] = []
         self._solvers: dict[int, DirectSolver | WoodburySolver] = {}
+        self._released = False
+        _HOLDERS[model] = weakref.ref(self)
+
+    def release(self) -> None:
+        """Let another :class:`Editor` take this model (its weights stay as they are); this
+        editor refuses to edit, undo, reset or load afterwards."""
+        holder = _HOLDERS.get(self.model)
+        if holder is not None and holder() is self:
+            del _HOLDERS[self.model]
+        self._released = True
+
+    def _check_held(self, action: str) -> None:
+        if self._released:
+            raise EditorConflictError(f"cannot {action}: this editor was released")
+
+    def _check_given_stats(self, stats: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """User-given ``C0``: every edited layer present, each one finite, symmetric, of the
+        layer's shape (checked here, before anything uses it)."""
+        if not isinstance(stats, Mapping):
+            raise ConfigError(f"stats must be a mapping layer -> C0, got {type(stats).__name__}")
+        missing = [l for l in self.hparams.layers if l not in stats]
+        if missing and stats:
+            raise ConfigError(f"stats given for layers {sorted(stats)}, missing {missing}")
+        return {l: check_second_moments(c, l, self.view.d_in(l), "stats= given to the Editor")
+                for l, c in stats.items() if l in self.hparams.layers}
 
     @classmethod
     def from_pretrained(
@@ -164,16 +225,27 @@ class Editor:
 
     @property
     def context_templates(self) -> list[str]:
-        """``["{}"]`` + generated prefixes; made once per editor from the unedited model."""
+        """``["{}"]`` + generated prefixes: made once per editor from the unedited model (before
+        its first edit or load) and saved with the edits, so that a loaded or resumed run goes
+        on with the very same prefixes."""
         if self._contexts is None:
-            self._contexts = generate_context_templates(
-                self.model, self.tokenizer, words=self.hparams.context_words,
-                length=self.hparams.context_length, seed=self.hparams.context_seed)
+            if self._history:
+                raise RuntimeError("context templates must be made from the unedited model")
+            with _editing(self.model):
+                self._contexts = generate_context_templates(
+                    self.model, self.tokenizer, words=self.hparams.context_words,
+                    length=self.hparams.context_length, seed=self.hparams.context_seed)
         return self._contexts
 
     def weight_norms(self) -> dict[int, float]:
-        """Current ‖W‖_F of every edited matrix."""
-        return {l: float(self.view.weight(l).detach().float().norm()) for l in self.hparams.layers}
+        """Current ‖W‖_F of every edited matrix (of its fp32 master, when there is one)."""
+        return {l: float(self.edited_weight(l).detach().float().norm())
+                for l in self.hparams.layers}
+
+    def edited_weight(self, layer: int) -> torch.Tensor:
+        """The edited matrix of ``layer`` as the editor accumulates it: the fp32 master of a
+        16-bit model (the model holds it rounded), else the model's weight itself."""
+        return self._masters.get(layer, self.view.weight(layer))
 
     def layer_states(self) -> dict[int, LayerState]:
         """Per-layer ``C0`` (computed or loaded on first use, from the original model) and ``S``."""
@@ -181,7 +253,7 @@ class Editor:
             c0 = self._given_stats or self._compute_stats()
             missing = [l for l in self.hparams.layers if l not in c0]
             if missing:
-                raise ValueError(f"stats given for layers {sorted(c0)}, missing {missing}")
+                raise ConfigError(f"stats given for layers {sorted(c0)}, missing {missing}")
             self._states = {
                 l: LayerState(c0=c0[l].to(self.view.device, torch.float64))
                 for l in self.hparams.layers
@@ -195,12 +267,19 @@ class Editor:
         if corpus is None:
             corpus = sample_corpus(self.model, self.tokenizer)
         cache = self.stats_cache
-        return second_moments(
-            self.view, self.tokenizer, self.hparams.layers, corpus,
-            n_samples=self.hparams.stats_samples, max_length=self.hparams.stats_max_length,
-            fingerprint=self.fingerprint, model_name=self.model_name,
-            cache=None if cache is True else cache, progress=self.progress,
-        )
+        if self._weights_fingerprint is None:
+            self._weights_fingerprint = weights_fingerprint(self.model)
+        with _editing(self.model):
+            c0 = second_moments(
+                self.view, self.tokenizer, self.hparams.layers, corpus,
+                n_samples=self.hparams.stats_samples, max_length=self.hparams.stats_max_length,
+                fingerprint=self.fingerprint, model_name=self.model_name,
+                cache=None if cache is True else cache, progress=self.progress,
+                weights_fingerprint=self._weights_fingerprint,
+            )
+        for layer, c in c0.items():
+            check_second_moments(c, layer, self.view.d_in(layer), "C0 computed from the corpus")
+        return c0
 
     # ------------------------------------------------------------------ editing
 
@@ -211,23 +290,32 @@ class Editor:
         progress: bool | None = None,
     ) -> list[BatchReport]:
         """Apply ``requests`` in batches of ``batch_size`` (default ``hparams.batch_size``),
-        one after another on the model as edited so far. All requests are validated first;
-        a bad one raises :class:`RequestError` before any weight changes."""
+        one after another on the model as edited so far.
+
+        All requests are validated first; a bad one raises :class:`RequestError` before any
+        weight changes. Each batch is a transaction: if it fails (:class:`EditError`, or an
+        interrupt), the model and the editor are as before that batch; the batches before it
+        in this call stay applied. Runs with the model in eval mode (its mode is restored).
+        """
+        self._check_held("edit")
         reqs = as_requests(requests)
+        bs = self.hparams.batch_size if batch_size is None else batch_size
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+            raise ConfigError(f"batch_size must be an integer >= 1, got {bs!r}")
         if not reqs:
             return []
-        bs = batch_size or self.hparams.batch_size
-        if bs < 1:
-            raise ValueError(f"batch_size must be >= 1, got {bs}")
         progress = self.progress if progress is None else progress
-        validate_requests(reqs, self.tokenizer, self._max_request_length())
-        self.layer_states()
-        reports = []
-        bar = tqdm(total=len(reqs), desc=f"{self.method} edits", unit="edit",
-                   disable=not progress)
-        for s in range(0, len(reqs), bs):
-            reports.append(self._edit_batch(reqs[s : s + bs], bar))
-        bar.close()
+        with _editing(self.model):
+            validate_requests(reqs, self.tokenizer, self._max_request_length(), bs)
+            self.layer_states()
+            reports = []
+            bar = tqdm(total=len(reqs), desc=f"{self.method} edits", unit="edit",
+                       disable=not progress)
+            try:
+                for s in range(0, len(reqs), bs):
+                    reports.append(self._edit_batch(reqs[s : s + bs], bar))
+            finally:
+                bar.close()
         return reports
 
     def _max_request_length(self) -> int:
@@ -242,43 +330,14 @@ class Editor:
         return limit - prefix
 
     def _edit_batch(self, reqs: list[EditRequest], bar: Any) -> BatchReport:
-        cfg, view = self.hparams, self.view
+        """Values, then every layer's update (applied, as the next layer's keys need it), then
+        ``S`` and the solvers; on any failure the applied layers are put back."""
         t0 = time.perf_counter()
-        contexts = self.context_templates
-        prompts = [build_value_prompts(self.tokenizer, r, contexts) for r in reqs]
-        z_layer = cfg.layers[-1]
-        with _frozen(self.model):
-            if self.engine == "fast":
-                from encore_fast.values.fast import optimize_values
-
-                values = optimize_values(view, self.tokenizer, prompts, z_layer, cfg,
-                                         progress=bar, max_tokens=self.max_value_tokens)
-            else:
-                from encore_fast.values.reference import optimize_values as reference_values
-
-                values = reference_values(view, self.tokenizer, prompts, z_layer, cfg,
-                                          progress=bar)
+        values = self._optimize_values(reqs, bar)
+        zs = self._checked_values(reqs, values)
         t1 = time.perf_counter()
-        zs = torch.stack([v.z for v in values])
-        batch = _Batch(requests=list(reqs))
-        w_norms, d_norms = {}, {}
-        states = self.layer_states()
-        fwd = SubjectForwards(view, self.tokenizer, reqs, contexts,
-                              reuse_below=cfg.layers[0] if self.engine == "fast" else None)
-        for i, layer in enumerate(cfg.layers):
-            fwd.freeze_below(layer)  # the layers before it are final for this batch
-            keys = fwd.keys(layer)
-            cur = fwd.block_outputs(z_layer)
-            resid = (zs - cur) / (len(cfg.layers) - i)
-            k64 = keys.T.double()
-            solver = self._solver(layer)
-            v = solver.solve(k64, resid.T.double())
-            u32, v32 = resid.T.contiguous(), v.float().contiguous()
-            w_norms[layer], d_norms[layer] = self._apply(layer, u32, v32)
-            self.rule.after_batch(k64, states[layer])
-            solver.after_batch()
-            batch.factors[layer] = (u32.cpu(), v32.cpu(), keys.T.contiguous().cpu())
-        self._history.append(batch)
+        batch, keys64, w_norms, d_norms = self._update_layers(reqs, zs)
+        self._commit(batch, keys64, solved=True)
         t2 = time.perf_counter()
         return BatchReport(
             batch_index=len(self._history) - 1, n_requests=len(reqs), seconds=t2 - t0,
@@ -287,30 +346,154 @@ class Editor:
             seconds_update=t2 - t1,
         )
 
+    def _optimize_values(self, reqs: list[EditRequest], bar: Any) -> list[Any]:
+        """The target value ``z`` of every request (changes no weight)."""
+        cfg, contexts = self.hparams, self.context_templates
+        prompts = [build_value_prompts(self.tokenizer, r, contexts) for r in reqs]
+        if self.engine == "fast":
+            from encore_fast.values.fast import optimize_values
+
+            return optimize_values(self.view, self.tokenizer, prompts, cfg.layers[-1], cfg,
+                                   progress=bar, max_tokens=self.max_value_tokens)
+        from encore_fast.values.reference import optimize_values as reference_values
+
+        return reference_values(self.view, self.tokenizer, prompts, cfg.layers[-1], cfg,
+                                progress=bar)
+
+    def _checked_values(self, reqs: list[EditRequest], values: list[Any]) -> torch.Tensor:
+        """Stack the values; non-finite ones are an error, suspicious ones a warning."""
+        batch = len(self._history)
+        bad = [i for i, v in enumerate(values) if not bool(torch.isfinite(v.z).all())]
+        if bad:
+            names = "; ".join(reqs[i].describe() for i in bad[:3])
+            raise EditError(
+                f"batch {batch}: the target value of {len(bad)} request(s) is not finite "
+                f"({names}): NaN/inf in the value optimisation (a 16-bit model overflowing?); "
+                "nothing was changed")
+        stuck = [(i, v.zero_grad_updates) for i, v in enumerate(values)
+                 if getattr(v, "zero_grad_updates", 0)]
+        if stuck:
+            names = "; ".join(f"{reqs[i].describe()}: {k} of {values[i].updates}"
+                              for i, k in stuck[:3])
+            why = ("16-bit gradients underflowing: edit in float32, or in bf16, whose range "
+                   "is wider than fp16's" if self.view.dtype in (torch.float16, torch.bfloat16)
+                   else "the loss does not depend on δ there (e.g. constant logits)")
+            warnings.warn(
+                f"batch {batch}: the gradient of δ was exactly zero in some optimiser steps "
+                f"({names}), so δ did not move there although the report counts the steps; "
+                f"likely cause: {why}", stacklevel=4)
+        known = [i for i, v in enumerate(values) if v.correct_history and v.correct_history[0]]
+        if known:
+            names = "; ".join(reqs[i].describe() for i in known[:3])
+            warnings.warn(
+                f"batch {batch}: {len(known)} request(s) already predict their target on every "
+                f"context-prefixed prompt before the edit ({names}); edited anyway (their keys "
+                "still enter the update and S)", stacklevel=4)
+        return torch.stack([v.z for v in values])
+
+    def _update_layers(self, reqs: list[EditRequest], zs: torch.Tensor) -> tuple[
+            _Batch, dict[int, torch.Tensor], dict[int, float], dict[int, float]]:
+        """Solve and apply each layer's update in turn; roll all of them back on failure."""
+        cfg, view = self.hparams, self.view
+        z_layer = cfg.layers[-1]
+        batch = _Batch(requests=list(reqs))
+        keys64: dict[int, torch.Tensor] = {}
+        w_norms, d_norms = {}, {}
+        backups: dict[int, torch.Tensor] = {}
+        had_solvers = set(self._solvers)
+        layer = cfg.layers[0]
+        try:
+            fwd = SubjectForwards(view, self.tokenizer, reqs, self.context_templates,
+                                  reuse_below=cfg.layers[0] if self.engine == "fast" else None)
+            for i, layer in enumerate(cfg.layers):
+                fwd.freeze_below(layer)  # the layers before it are final for this batch
+                keys = fwd.keys(layer)
+                cur = fwd.block_outputs(z_layer)
+                resid = (zs - cur) / (len(cfg.layers) - i)
+                k64 = keys.T.contiguous().double()  # the layout replay reads back
+                v = self._solver(layer).solve(k64, resid.T.double())
+                u32, v32 = resid.T.contiguous(), v.float().contiguous()
+                _check_update(layer, keys, u32, v32, tuple(view.weight(layer).shape),
+                              view.arch.transposed)
+                backups[layer] = self.edited_weight(layer).detach().clone()
+                w_norms[layer], d_norms[layer] = self._apply(layer, u32, v32)
+                if not (math.isfinite(w_norms[layer]) and math.isfinite(d_norms[layer])):
+                    raise EditError(f"layer {layer}: the edited weights are not finite "
+                                    f"(‖W‖ = {w_norms[layer]}): the update overflows the "
+                                    f"model's {view.dtype_name}")
+                keys64[layer] = k64
+                batch.factors[layer] = (u32.cpu(), v32.cpu(), keys.T.contiguous().cpu())
+        except BaseException as exc:
+            with torch.no_grad():
+                for l, w in backups.items():  # (model weight = master rounded, as before)
+                    if l in self._masters:
+                        self._masters[l].copy_(w)
+                    view.weight(l).data.copy_(w)
+            for solver in self._solvers.values():
+                solver.discard()
+            self._solvers = {l: sv for l, sv in self._solvers.items() if l in had_solvers}
+            where = f"batch {len(self._history)}, layer {layer}"
+            if isinstance(exc, torch.linalg.LinAlgError):
+                raise EditError(
+                    f"{where}: the update's linear system could not be solved ({exc}); C0 or "
+                    "lambda_p / lambda_n / alpha may be wrong; the batch was rolled back, "
+                    "nothing was changed") from exc
+            if isinstance(exc, EditError):
+                raise EditError(f"{where}: {exc}; the batch was rolled back, nothing was "
+                                "changed") from exc
+            raise
+        return batch, keys64, w_norms, d_norms
+
+    def _commit(self, batch: _Batch, keys64: Mapping[int, torch.Tensor], solved: bool) -> None:
+        """Fold a batch whose weights are applied into ``S`` and the solvers, record it.
+        ``solved``: the solvers hold this batch from :meth:`_update_layers` (else, in a
+        replay, they fold the keys themselves: the same operations on the same inputs)."""
+        states = self.layer_states()
+        for layer, k64 in keys64.items():
+            self.rule.after_batch(k64, states[layer])
+        for layer, k64 in keys64.items():
+            solver = self._solver(layer)
+            if solved:
+                solver.after_batch()
+            else:
+                solver.fold(k64)
+        self._history.append(batch)
+
     @torch.no_grad()
     def _apply(self, layer: int, u: torch.Tensor, v: torch.Tensor) -> tuple[float, float]:
-        """``W += U Vᵀ`` in the weight's own dtype, through the kernel dispatch."""
+        """``W += U Vᵀ`` through the kernel dispatch: in the weight's own dtype, or, with a
+        master, in fp32 on the master, writing the model's weight rounded in the same pass."""
         w = self.view.weight(layer)
         dev = w.device
-        norms = apply_lowrank_update_(w.data, u.to(dev), v.to(dev),
-                                      transposed=self.view.arch.transposed)
+        master = self._masters.get(layer)
+        if master is None:
+            norms = apply_lowrank_update_(w.data, u.to(dev), v.to(dev),
+                                          transposed=self.view.arch.transposed)
+        else:
+            norms = apply_lowrank_update_(master, u.to(dev), v.to(dev),
+                                          transposed=self.view.arch.transposed, out=w.data)
         return float(norms[0]), float(norms[1])
 
     # ------------------------------------------------------------------ history
 
     def reset(self) -> None:
         """Restore the original weights and forget all edits and sequential state."""
+        self._check_held("reset")
         with torch.no_grad():
             for layer, w0 in self._original.items():
                 self.view.weight(layer).data.copy_(w0)
+                if layer in self._masters:
+                    self._masters[layer].copy_(w0)
         self._history.clear()
         if self._states is not None:
             for st in self._states.values():
                 st.s = None
-        self._on_state_change()
+        self._solvers = {}
 
     def undo(self) -> list[EditRequest]:
-        """Take back the last batch (weights and sequential state); returns its requests."""
+        """Take back the last batch (weights, sequential and solver state); returns its
+        requests. The editor is then exactly as if the last batch had never been applied."""
+        self._check_held("undo")
         if not self._history:
             raise RuntimeError("nothing to undo: no batch has been applied")
         kept = self._history[:-1]
@@ -319,16 +502,19 @@ class Editor:
         return last.requests
 
     def _replay(self, batches: list[_Batch]) -> None:
-        """Set weights and ``S`` to original + the given batches, applied in order (exact:
-        the same operations on the same inputs as when they were first applied)."""
+        """Set weights, ``S`` and solver state to original + the given batches, applied in
+        order: the same operations on the same inputs as when they were first applied, so
+        the result is bit-for-bit that of the editor that applied them."""
         self.reset()
         states = self.layer_states()
+        for layer in self.hparams.layers:
+            self._solver(layer)  # made from S = 0, as before a first batch
         for batch in batches:
+            keys64 = {}
             for layer, (u, v, k) in batch.factors.items():
                 self._apply(layer, u, v)
-                self.rule.after_batch(k.to(states[layer].c0.device).double(), states[layer])
-            self._history.append(batch)
-        self._on_state_change()
+                keys64[layer] = k.to(states[layer].c0.device).double()
+            self._commit(batch, keys64, solved=False)
 
     def _solver(self, layer: int) -> DirectSolver | WoodburySolver:
         """The solver of ``layer``: Woodbury (fast engine, built from ``C0`` and ``S``) or the
@@ -340,7 +526,8 @@ class Editor:
                 try:
                     solver = WoodburySolver(self.rule, state, self.hparams)
                 except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
-                    if type(exc) is RuntimeError and "allocate" not in str(exc):
+                    if isinstance(exc, torch.linalg.LinAlgError) or (
+                            type(exc) is RuntimeError and "allocate" not in str(exc)):
                         raise  # CPU allocation failures are RuntimeErrors; nothing else is ours
 
                     d = state.c0.shape[0]
@@ -352,16 +539,14 @@ class Editor:
             self._solvers[layer] = solver or DirectSolver(self.rule, state, self.hparams)
         return self._solvers[layer]
 
-    def _on_state_change(self) -> None:
-        """Derived solver state no longer matches ``S``: rebuild it lazily."""
-        self._solvers = {}
-
     # ------------------------------------------------------------------ save / load
 
-    def save_edits(self, path: str | os.PathLike) -> Path:
-        """Write all applied batches (low-rank factors, keys, requests, settings) to a
-        safetensors file, atomically. Load it with :meth:`load_edits` on the same model."""
-        path = Path(path)
+    def save_edits(self, path: str | os.PathLike,
+                   metadata: Mapping[str, Any] | None = None) -> Path:
+        """Write all applied batches (low-rank factors, keys, requests, settings, context
+        templates, a checksum) to a safetensors file, atomically. Load it with
+        :meth:`load_edits` on the same model. ``metadata``: JSON-able extras stored with
+        it (read back by :func:`read_edits_metadata`)."""
         tensors: dict[str, torch.Tensor] = {}
         for b, batch in enumerate(self._history):
             for layer, (u, v, k) in batch.factors.items():
@@ -375,60 +560,140 @@ class Editor:
             "model_fingerprint": self.fingerprint,
             "config": json.dumps(self.hparams.to_dict()),
             "batches": json.dumps([[r.to_dict() for r in b.requests] for b in self._history]),
+            "contexts": json.dumps(self.context_templates),
+            "sha256": tensors_digest(tensors),
+            "extra": json.dumps(dict(metadata or {})),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-        return path
+        return atomic_save(path, tensors, meta)
 
     def load_edits(self, path: str | os.PathLike) -> int:
         """Apply the batches saved in ``path`` to this (unedited) editor's model; returns the
-        number of batches. Refuses a file made for another model, method or layers."""
+        number of batches. The model, ``S`` and solver state are then bit-for-bit those of
+        the editor that saved the file, and its context templates are used from then on.
+        Refuses (:class:`EditsFileError`, naming the file, nothing changed) a file that is
+        unreadable, damaged (checksum), or made for another model, method or layers."""
+        self._check_held("load edits")
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no edits file at {path}")
         if self._history:
             raise RuntimeError(f"cannot load {path}: this editor already has "
                                f"{self.num_batches} batch(es); call reset() first")
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            if meta.get("format") != EDITS_FORMAT:
-                raise ValueError(f"{path} is not an encore_fast edits file")
-            if meta["model_fingerprint"] != self.fingerprint:
-                raise ValueError(f"{path} was made for another model ({meta['model_name']}, "
-                                 f"fingerprint {meta['model_fingerprint'][:12]}); this model's "
-                                 f"fingerprint is {self.fingerprint[:12]}")
-            saved_cfg = EditConfig.from_dict(json.loads(meta["config"]))
-            if meta["method"] != self.method or saved_cfg.layers != self.hparams.layers:
-                raise ValueError(f"{path} holds {meta['method']} edits of layers "
-                                 f"{saved_cfg.layers}; this editor is {self.method} on layers "
-                                 f"{self.hparams.layers}")
-            batches = []
-            for b, reqs in enumerate(json.loads(meta["batches"])):
-                batch = _Batch(requests=[EditRequest(**r) for r in reqs])
-                for layer in self.hparams.layers:
-                    batch.factors[layer] = tuple(  # type: ignore[assignment]
-                        f.get_tensor(f"b{b}.l{layer}.{n}") for n in "UVK")
-                batches.append(batch)
-        self._replay(batches)
+        batches, contexts = _read_edits(path, self)
+        if contexts is not None:
+            self._contexts = contexts
+        else:
+            self.context_templates  # noqa: B018  (files before contexts were saved: make them now)
+        with _editing(self.model):
+            self._replay(batches)
         return len(batches)
 
 
-class _frozen:
-    """Context manager: parameters do not require grad inside; flags restored after."""
+    @staticmethod
+    def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+        """The ``metadata`` extras that :meth:`save_edits` stored in ``path``."""
+        return read_edits_metadata(path)
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.params = list(model.parameters())
 
-    def __enter__(self) -> None:
-        self.flags = [p.requires_grad for p in self.params]
-        for p in self.params:
-            p.requires_grad_(False)
+def read_edits_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``metadata`` extras stored by :meth:`Editor.save_edits` in ``path``."""
+    meta = _edits_meta(Path(path))
+    try:
+        return dict(json.loads(meta.get("extra") or "{}"))
+    except ValueError as exc:
+        raise EditsFileError(f"{path}: its metadata extras are not valid JSON ({exc})") from None
 
-    def __exit__(self, *exc: object) -> None:
-        for p, f in zip(self.params, self.flags, strict=True):
+
+def _edits_meta(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as exc:  # safetensors has its own error types for damaged files
+        raise EditsFileError(f"{path} is not a readable safetensors file ({exc})") from None
+    if meta.get("format") != EDITS_FORMAT:
+        raise EditsFileError(f"{path} is not an encore_fast edits file")
+    return meta
+
+
+def _read_edits(path: Path, ed: Editor) -> tuple[list[_Batch], list[str] | None]:
+    """Every check of an edits file against ``ed``, then its batches; changes nothing."""
+    meta = _edits_meta(path)
+    if meta.get("model_fingerprint") != ed.fingerprint:
+        raise EditsFileError(
+            f"{path} was made for another model ({meta.get('model_name')}, fingerprint "
+            f"{str(meta.get('model_fingerprint'))[:12]}); this model's fingerprint is "
+            f"{ed.fingerprint[:12]}")
+    try:
+        saved_cfg = EditConfig.from_dict(json.loads(meta["config"]))
+        records = json.loads(meta["batches"])
+        contexts = json.loads(meta["contexts"]) if "contexts" in meta else None
+        requests = [[EditRequest(**r) for r in reqs] for reqs in records]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EditsFileError(f"{path}: damaged metadata ({type(exc).__name__}: {exc})") from None
+    if meta.get("method") != ed.method or saved_cfg.layers != ed.hparams.layers:
+        raise EditsFileError(f"{path} holds {meta.get('method')} edits of layers "
+                             f"{saved_cfg.layers}; this editor is {ed.method} on layers "
+                             f"{ed.hparams.layers}")
+    differ = sorted(k for k, v in saved_cfg.to_dict().items() if ed.hparams.to_dict()[k] != v)
+    if differ:
+        warnings.warn(f"{path} was made with other settings ({', '.join(differ)}); its edits "
+                      "are loaded as saved, later batches use this editor's", stacklevel=3)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except Exception as exc:
+        raise EditsFileError(f"{path}: its tensors cannot be read ({exc})") from None
+    if "sha256" in meta and tensors_digest(tensors) != meta["sha256"]:
+        raise EditsFileError(f"{path} is damaged: its data do not match the checksum in its "
+                             "header")
+    batches = []
+    for b, reqs in enumerate(requests):
+        batch = _Batch(requests=reqs)
+        for layer in ed.hparams.layers:
+            names = [f"b{b}.l{layer}.{n}" for n in "UVK"]
+            if any(n not in tensors for n in names):
+                raise EditsFileError(f"{path}: batch {b} lacks the factors of layer {layer}")
+            u, v, k = (tensors[n] for n in names)
+            try:
+                _check_update(layer, k.T, u, v, tuple(ed.view.weight(layer).shape),
+                              ed.view.arch.transposed, n=len(reqs))
+            except EditError as exc:
+                raise EditsFileError(f"{path}: batch {b}: {exc}") from None
+            batch.factors[layer] = (u, v, k)
+        batches.append(batch)
+    return batches, contexts
+
+
+def _check_update(layer: int, keys: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                  w_shape: tuple[int, ...], transposed: bool, n: int | None = None) -> None:
+    """Raise :class:`EditError` unless ``Δ = U Vᵀ`` fits the weight and all are finite."""
+    d_out, d_in = (w_shape[1], w_shape[0]) if transposed else (w_shape[0], w_shape[1])
+    n = u.shape[-1] if n is None else n
+    want = {"U": (d_out, n), "V": (d_in, n), "K": (n, d_in)}
+    for name, t in (("U", u), ("V", v), ("K", keys)):
+        if tuple(t.shape) != want[name]:
+            raise EditError(f"layer {layer}: {name} has shape {tuple(t.shape)}, expected "
+                            f"{want[name]} for a weight of shape {w_shape}")
+        if not bool(torch.isfinite(t).all()):
+            raise EditError(f"layer {layer}: {name} has non-finite entries (NaN or inf)")
+
+
+@contextmanager
+def _editing(model: torch.nn.Module) -> Iterator[None]:
+    """Inside: eval mode (no dropout) and no parameter requires grad; both restored after."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags, strict=True):
             p.requires_grad_(f)
+        for m, training in modes:
+            m.training = training
 
 
 @torch.no_grad()

@@ -11,9 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-
-class RequestError(ValueError):
-    """A request that cannot be edited; the message names the request and the problem."""
+from encore_fast.errors import RequestError
 
 
 @dataclass(frozen=True)
@@ -32,12 +30,24 @@ class EditRequest:
     ground_truth: str | None = None
     case_id: int | str | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("prompt", "subject", "target_new"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                tag = "request" if self.case_id is None else f"request (case {self.case_id})"
+                raise RequestError(f"{tag}: field {name!r} must be a string, got "
+                                   f"{type(value).__name__} {value!r}")
+        if self.ground_truth is not None and not isinstance(self.ground_truth, str):
+            raise RequestError(f"request field 'ground_truth' must be a string or None, got "
+                               f"{type(self.ground_truth).__name__}")
+
     @property
     def template(self) -> str:
-        """The prompt as a ``{}`` template (the subject's first occurrence replaced by ``{}``)."""
+        """The prompt as a ``{}`` template: the subject's first occurrence as a whole word (not
+        inside a longer word, e.g. "Paris" in "Parisians") replaced by ``{}``."""
         if "{}" in self.prompt:
             return self.prompt
-        pos = self.prompt.find(self.subject) if self.subject else -1
+        pos = subject_position(self.prompt, self.subject)
         if pos < 0:
             return self.prompt
         return self.prompt[:pos] + "{}" + self.prompt[pos + len(self.subject) :]
@@ -76,20 +86,51 @@ class EditRequest:
         except KeyError as exc:
             raise RequestError(f"record {dict(record)!r}: missing field {exc}") from None
         truth = rec.get("ground_truth", rec.get("target_true"))
+        case_id = case_id if case_id is not None else rec.get("case_id")
+        label = f"record (case {case_id})" if case_id is not None else "record"
+        for name, value in (("prompt", prompt), ("subject", subject)):
+            if not isinstance(value, str):
+                raise RequestError(f"{label}: field {name!r} must be a string, got "
+                                   f"{type(value).__name__} {value!r}")
         return cls(
-            prompt=str(prompt),
-            subject=str(subject),
-            target_new=_unwrap(target),
-            ground_truth=None if truth is None else _unwrap(truth),
-            case_id=case_id if case_id is not None else rec.get("case_id"),
+            prompt=prompt,
+            subject=subject,
+            target_new=_unwrap(target, "target_new", label),
+            ground_truth=None if truth is None else _unwrap(truth, "ground_truth", label),
+            case_id=case_id,
         )
 
 
-def _unwrap(value: Any) -> str:
+def _unwrap(value: Any, name: str, label: str) -> str:
     """ROME stores targets as ``{"str": ..., "id": ...}``; accept both that and plain strings."""
     if isinstance(value, Mapping):
-        return str(value["str"])
-    return str(value)
+        value = value.get("str")
+    if not isinstance(value, str):
+        raise RequestError(f"{label}: field {name!r} must be a string (or {{'str': ...}}), got "
+                           f"{type(value).__name__} {value!r}")
+    return value
+
+
+def _is_word_char(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"
+
+
+def subject_position(text: str, subject: str) -> int:
+    """Index of the first occurrence of ``subject`` in ``text`` that is not part of a longer
+    word (where the subject starts/ends with a letter or digit, the character before/after it
+    is not one); -1 if there is none."""
+    if not subject:
+        return -1
+    pos = text.find(subject)
+    while pos >= 0:
+        end = pos + len(subject)
+        left_ok = pos == 0 or not (_is_word_char(subject[0]) and _is_word_char(text[pos - 1]))
+        right_ok = end == len(text) or not (_is_word_char(subject[-1])
+                                            and _is_word_char(text[end]))
+        if left_ok and right_ok:
+            return pos
+        pos = text.find(subject, pos + 1)
+    return -1
 
 
 def target_with_space(target: str) -> str:
@@ -139,25 +180,34 @@ def subject_last_index(tokenizer: Any, template: str, subject: str) -> int:
 
 
 def validate_requests(
-    requests: Sequence[EditRequest], tokenizer: Any, max_length: int | None = None
+    requests: Sequence[EditRequest], tokenizer: Any, max_length: int | None = None,
+    batch_size: int | None = None,
 ) -> None:
     """Raise :class:`RequestError` for the first unusable request; change nothing.
 
-    Checks: non-empty subject and target, the subject is in the prompt, and the longest
-    prompt the editor builds (context prefix + prompt + target) fits ``max_length`` tokens.
+    Checks: types, non-empty subject and target, the subject is in the prompt as a whole word,
+    the longest prompt the editor builds (context prefix + prompt + target) fits
+    ``max_length`` tokens, and, within each batch of ``batch_size`` (default: all), no request
+    twice and no two different targets for the same prompt and subject.
     """
     for i, req in enumerate(requests):
-        label = f"request #{i} {req.describe()}"
         if not isinstance(req, EditRequest):
             raise RequestError(f"request #{i}: expected an EditRequest, got {type(req).__name__}")
+        label = f"request #{i} {req.describe()}"
         if not req.subject or not req.subject.strip():
             raise RequestError(f"{label}: the subject is empty")
         if not req.target_new or not req.target_new.strip():
             raise RequestError(f"{label}: the target is empty")
         if req.prompt.count("{}") > 1:
             raise RequestError(f"{label}: the prompt has more than one '{{}}' placeholder")
-        if "{}" not in req.prompt and req.subject not in req.prompt:
-            raise RequestError(f"{label}: the subject {req.subject!r} is not in the prompt")
+        if "{}" not in req.prompt:
+            if req.subject not in req.prompt:
+                raise RequestError(f"{label}: the subject {req.subject!r} is not in the prompt")
+            if subject_position(req.prompt, req.subject) < 0:
+                raise RequestError(
+                    f"{label}: the subject {req.subject!r} occurs in the prompt only inside a "
+                    "longer word; write the prompt as a template with '{}' where the subject "
+                    "goes")
         if tokenizer is not None and max_length is not None:
             n = len(encode(tokenizer, req.text)) + len(target_token_ids(tokenizer, req.target_new))
             if n > max_length:
@@ -165,3 +215,18 @@ def validate_requests(
                     f"{label}: prompt + target is {n} tokens, longer than the "
                     f"{max_length} the editor allows for this model"
                 )
+    step = batch_size or max(1, len(requests))
+    for start in range(0, len(requests), step):
+        seen: dict[tuple[str, str], tuple[int, str]] = {}
+        for i in range(start, min(start + step, len(requests))):
+            req = requests[i]
+            key = (req.text, req.subject)
+            if key in seen:
+                j, target = seen[key]
+                what = ("repeats" if target.strip() == req.target_new.strip()
+                        else f"gives another target than ({target!r})")
+                raise RequestError(
+                    f"request #{i} {req.describe()} {what} request #{j} for the same prompt "
+                    "and subject in one batch; drop one of them (a later batch may re-edit "
+                    "the fact)")
+            seen[key] = (i, req.target_new)

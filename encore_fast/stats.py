@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from encore_fast.errors import EncoreFastError, StatsError
+from encore_fast.io import atomic_save, tensors_digest
 from encore_fast.models.arch import ModelView
 
 
@@ -28,8 +30,9 @@ class StopForward(Exception):
     """Raised by a hook to end a forward pass early (nothing after it is needed)."""
 
 
-class StatsCacheError(RuntimeError):
-    """A statistics cache file that does not belong to this model, layer or corpus."""
+class StatsCacheError(EncoreFastError, RuntimeError):
+    """A statistics cache file that is damaged or does not belong to this model, layer or
+    corpus; the message names the file."""
 
 
 @contextlib.contextmanager
@@ -189,20 +192,45 @@ def finalize(state: dict[str, Any]) -> dict[int, torch.Tensor]:
     return out
 
 
+# ----------------------------------------------------------------------------- checks
+
+def check_second_moments(c0: Any, layer: int, d_in: int, source: str) -> torch.Tensor:
+    """``c0`` if it can be a layer's ``C0``: a finite ``[d_in, d_in]`` tensor, symmetric to
+    1e-5 of its largest entry, with a non-negative diagonal; else :class:`StatsError` naming
+    ``source`` (who gave it: the caller, or a cache file) and the problem."""
+    where = f"{source}: C0 of layer {layer}"
+    if not isinstance(c0, torch.Tensor):
+        raise StatsError(f"{where} is a {type(c0).__name__}, not a tensor")
+    if tuple(c0.shape) != (d_in, d_in):
+        raise StatsError(f"{where} has shape {tuple(c0.shape)}; the layer's keys need "
+                         f"({d_in}, {d_in})")
+    c = c0.detach().double()
+    bad = int((~torch.isfinite(c)).sum())
+    if bad:
+        raise StatsError(f"{where} has {bad} non-finite entries (NaN or inf)")
+    scale = float(c.abs().max())
+    asym = float((c - c.T).abs().max())
+    if asym > 1e-5 * scale:
+        raise StatsError(f"{where} is not symmetric (max |C - Cᵀ| = {asym:.3g}, largest entry "
+                         f"{scale:.3g})")
+    low = float(c.diagonal().min())
+    if low < -1e-6 * scale:
+        raise StatsError(f"{where} has a negative diagonal entry ({low:.3g}): not a matrix of "
+                         "second moments E[k kᵀ]")
+    return c0
+
+
 # ----------------------------------------------------------------------------- cache
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-
 
 def _read_meta(path: Path) -> dict[str, str]:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types for damaged headers
+        raise StatsCacheError(f"statistics cache {path} is not a readable safetensors file "
+                              f"({exc}); delete it to recompute") from None
 
 
 def second_moments(
@@ -218,11 +246,16 @@ def second_moments(
     cache: str | os.PathLike | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    weights_fingerprint: str | None = None,
 ) -> dict[int, torch.Tensor]:
     """``C0`` for ``layers``, from the cache when present, else computed and cached.
 
-    ``cache=None`` uses ``<cache_dir>/stats``; pass ``cache=False`` to disable caching. A cache
-    file whose recorded model fingerprint, layer or shape does not match is refused.
+    ``cache=None`` uses ``<cache_dir>/stats``; pass ``cache=False`` to disable caching. Entries
+    are keyed by the model's fingerprint and dtype (two models of one name get two entries);
+    given ``weights_fingerprint`` (dtype-blind, see ``models.fingerprint``), a 16-bit model
+    reuses the fp32 statistics of the same weights, which estimate ``E[k kᵀ]`` more precisely
+    than its own 16-bit activations would. A file that is damaged (checksum), of the wrong
+    shape, or not finite is refused with its path.
     """
     texts, corpus_id = load_corpus(corpus, n_samples)
     n_used = len(texts)
@@ -232,63 +265,105 @@ def second_moments(
         return finalize(state)
     from encore_fast.models.loading import cache_dir
 
+    dtype = view.dtype_name
     root = Path(cache) if cache is not None else cache_dir() / "stats"
     safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)[-60:]
-    folder = root / safe_name / f"{corpus_id}-n{n_used}-len{max_length}"
-    files = {layer: folder / f"layer{layer}.safetensors" for layer in layers}
+    family = (weights_fingerprint or fingerprint)[:16]
+    folder = root / safe_name / family / f"{corpus_id}-n{n_used}-len{max_length}"
+    files = {layer: folder / f"layer{layer}-{dtype}-{fingerprint[:12]}.safetensors"
+             for layer in layers}
     result: dict[int, torch.Tensor] = {}
     for layer, path in files.items():
         if path.exists():
-            result[layer] = _load_checked(path, layer, fingerprint, view.d_in(layer))
+            result[layer] = _load_checked(path, layer, view.d_in(layer), fingerprint=fingerprint)
+        elif weights_fingerprint is not None and dtype in ("bfloat16", "float16"):
+            for other in sorted(folder.glob(f"layer{layer}-float32-*.safetensors")):
+                result[layer] = _load_checked(other, layer, view.d_in(layer),
+                                              weights_fingerprint=weights_fingerprint)
+                break
     missing = [layer for layer in layers if layer not in result]
     if not missing:
         return {layer: result[layer].to(view.device) for layer in layers}
 
-    partial = folder / ("partial-" + "-".join(map(str, missing)) + ".safetensors")
+    partial = folder / (f"partial-{dtype}-{fingerprint[:12]}-" + "-".join(map(str, missing))
+                        + ".safetensors")
     state = None
     if partial.exists():
         state = _load_partial(partial, missing, fingerprint)
 
     def checkpoint(st: dict[str, Any]) -> None:
         tensors = {f"sum.{l}": s for l, s in st["sums"].items()}
-        _atomic_save(tensors, partial, {"fingerprint": fingerprint, "tokens": str(st["tokens"]),
-                                        "texts_done": str(st["texts_done"])})
+        atomic_save(partial, tensors, {"fingerprint": fingerprint, "tokens": str(st["tokens"]),
+                                       "texts_done": str(st["texts_done"]),
+                                       "sha256": tensors_digest(tensors)})
 
     state = accumulate_second_moments(view, tokenizer, missing, texts, max_length=max_length,
                                       batch_size=batch_size, state=state, checkpoint=checkpoint,
                                       progress=progress)
     for layer, c0 in finalize(state).items():
-        meta = {"fingerprint": fingerprint, "layer": str(layer), "corpus": corpus_id,
+        c0 = c0.cpu()
+        meta = {"fingerprint": fingerprint, "weights_fingerprint": weights_fingerprint or "",
+                "dtype": dtype, "layer": str(layer), "corpus": corpus_id,
                 "n_samples": str(n_used), "max_length": str(max_length),
-                "tokens": str(state["tokens"]), "model": model_name}
-        _atomic_save({"C0": c0}, files[layer], meta)
+                "tokens": str(state["tokens"]), "model": model_name,
+                "sha256": tensors_digest({"C0": c0})}
+        atomic_save(files[layer], {"C0": c0}, meta)
         result[layer] = c0
     partial.unlink(missing_ok=True)
     return {layer: result[layer].to(view.device) for layer in layers}
 
 
-def _load_checked(path: Path, layer: int, fingerprint: str, d_in: int) -> torch.Tensor:
+def _load_checked(path: Path, layer: int, d_in: int, *, fingerprint: str | None = None,
+                  weights_fingerprint: str | None = None) -> torch.Tensor:
     meta = _read_meta(path)
-    if meta.get("fingerprint") != fingerprint:
+    key, want = (("fingerprint", fingerprint) if fingerprint is not None
+                 else ("weights_fingerprint", weights_fingerprint))
+    if meta.get(key) != want:
         raise StatsCacheError(
-            f"statistics cache {path} was computed for another model (fingerprint "
-            f"{meta.get('fingerprint', '?')[:12]}, this model is {fingerprint[:12]}); "
+            f"statistics cache {path} was computed for another model ({key} "
+            f"{(meta.get(key) or '?')[:12]}, this model is {str(want)[:12]}); "
             "delete it or choose another cache directory"
         )
-    c0 = load_file(str(path))["C0"]
-    if meta.get("layer") != str(layer) or tuple(c0.shape) != (d_in, d_in):
+    tensors = _load_file_checked(path, meta)
+    c0 = tensors.get("C0")
+    if meta.get("layer") != str(layer) or c0 is None or tuple(c0.shape) != (d_in, d_in):
         raise StatsCacheError(
             f"statistics cache {path} holds layer {meta.get('layer')} with shape "
-            f"{tuple(c0.shape)}, expected layer {layer} with shape ({d_in}, {d_in})"
+            f"{None if c0 is None else tuple(c0.shape)}, expected layer {layer} with shape "
+            f"({d_in}, {d_in})"
         )
-    return c0
+    try:
+        return check_second_moments(c0, layer, d_in, f"statistics cache {path}")
+    except StatsError as exc:
+        raise StatsCacheError(f"{exc}; delete the file to recompute") from None
+
+
+def _load_file_checked(path: Path, meta: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The tensors of a cache file, refused if they do not match the stored checksum."""
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise StatsCacheError(f"statistics cache {path} is not a readable safetensors file "
+                              f"({exc}); delete it to recompute") from None
+    digest = meta.get("sha256")
+    if digest is not None and tensors_digest(tensors) != digest:
+        raise StatsCacheError(f"statistics cache {path} is damaged (its data do not match the "
+                              "checksum in its header); delete it to recompute")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise StatsCacheError(f"statistics cache {path}: tensor {name!r} has non-finite "
+                                  "entries; delete the file to recompute")
+    return tensors
 
 
 def _load_partial(path: Path, layers: list[int], fingerprint: str) -> dict[str, Any] | None:
     meta = _read_meta(path)
     if meta.get("fingerprint") != fingerprint:
         raise StatsCacheError(f"partial statistics {path} belong to another model; delete it")
-    tensors = load_file(str(path))
+    tensors = _load_file_checked(path, meta)
+    missing = [l for l in layers if f"sum.{l}" not in tensors]
+    if missing:
+        raise StatsCacheError(f"partial statistics {path} lack layers {missing}; delete it")
     return {
         "sums": {l: tensors[f"sum.{l}"] for l in layers},
         "tokens": int(meta["tokens"]),

@@ -37,6 +37,7 @@ def _lowrank_update_kernel(
     A_ptr,
     B_ptr,
     P_ptr,
+    O_ptr,
     M,
     N,
     R,
@@ -46,14 +47,19 @@ def _lowrank_update_kernel(
     stride_ar,
     stride_bn,
     stride_br,
+    stride_om,
+    stride_on,
     alpha,
     r_bucket,  # autotune key only: log2 of the rank
     INPUT_PRECISION: tl.constexpr,
+    HAS_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """One tile of ``W[m, n] += α Σ_r A[m, r] B[n, r]``; partial ‖W_new‖², ‖Δ‖² to P[pid]."""
+    """One tile of ``W[m, n] += α Σ_r A[m, r] B[n, r]``; partial ‖W_new‖², ‖Δ‖² to P[pid].
+    ``HAS_OUT``: also store the new tile rounded to O's dtype (the model's 16-bit copy of an
+    fp32 master W), in the same pass."""
     pid = tl.program_id(0)
     n_col_tiles = tl.cdiv(N, BLOCK_N)
     pid_m = pid // n_col_tiles  # row-major over W: consecutive programs stream along a row
@@ -82,6 +88,9 @@ def _lowrank_update_kernel(
     w = tl.load(w_ptrs, mask=in_w, other=0.0)
     new = (w.to(tl.float32) + delta).to(W_ptr.dtype.element_ty)
     tl.store(w_ptrs, new, mask=in_w)
+    if HAS_OUT:
+        o_ptrs = O_ptr + rm64[:, None] * stride_om + rn64[None, :] * stride_on
+        tl.store(o_ptrs, new.to(O_ptr.dtype.element_ty), mask=in_w)
 
     stored = new.to(tl.float32)  # the norm is of what W now holds, after rounding
     tl.store(P_ptr + 2 * pid, tl.sum(tl.sum(stored * stored, axis=1), axis=0))
@@ -98,7 +107,7 @@ LOWRANK_UPDATE_KERNEL = TritonKernel(
     ),
     interpret_config={"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_R": 16},
     key=("M", "N", "r_bucket"),
-    restore_value=("W_ptr",),
+    restore_value=("W_ptr", "O_ptr"),
     reset_to_zero=("P_ptr",),
 )
 
@@ -117,6 +126,7 @@ def apply_lowrank_update_triton(
     *,
     alpha: float = 1.0,
     transposed: bool = False,
+    out: torch.Tensor | None = None,
     interpret: bool = False,
 ) -> tuple[float, float]:
     """Launch the update kernel (inputs already validated; see :func:`apply_lowrank_update_`)."""
@@ -142,16 +152,19 @@ def apply_lowrank_update_triton(
     def grid(meta: dict) -> tuple[int]:
         return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
 
+    O = W if out is None else out  # never written without HAS_OUT
     LOWRANK_UPDATE_KERNEL.launch(
         grid,
-        W, A, B, partial,
+        W, A, B, partial, O,
         M, N, R,
         W.stride(0), W.stride(1),
         A.stride(0), A.stride(1),
         B.stride(0), B.stride(1),
+        O.stride(0), O.stride(1),
         float(alpha),
         max(R, 1).bit_length(),
         INPUT_PRECISION=precision,
+        HAS_OUT=out is not None,
         interpret=interpret,
         device=W.device,
     )
@@ -169,8 +182,10 @@ def apply_lowrank_update_naive(
     *,
     alpha: float = 1.0,
     transposed: bool = False,
+    out: torch.Tensor | None = None,
 ) -> tuple[float, float]:
-    """PyTorch reference: ``addmm_`` in fp32 (fp64 for an fp64 W), norms afterwards.
+    """PyTorch reference: ``addmm_`` in fp32 (fp64 for an fp64 W), norms afterwards; ``out``
+    (if given) receives the new W rounded to its dtype.
 
     ``‖α U Vᵀ‖_F`` comes from the r×r Gram matrices in fp64 (``Σ (UᵀU) ∘ (VᵀV)``), so Δ is
     never materialised on its own. Production path on CPU.
@@ -187,12 +202,26 @@ def apply_lowrank_update_naive(
         W.copy_(work)
         work.copy_(W)  # the values W actually holds, after rounding
         w_norm = torch.linalg.vector_norm(work)
+    if out is not None:
+        out.copy_(W)
     gram = (A.double().mT @ A.double()) * (B.double().mT @ B.double())
     d_sq = gram.sum().clamp_min(0.0)
     return float(w_norm), abs(float(alpha)) * float(d_sq.sqrt())
 
 
 # --------------------------------------------------------------------------- public API
+
+
+def _check_out(W: torch.Tensor, out: torch.Tensor | None) -> None:
+    if out is None:
+        return
+    if tuple(out.shape) != tuple(W.shape) or out.device != W.device:
+        raise ValueError(f"out {tuple(out.shape)} on {out.device} must match W "
+                         f"{tuple(W.shape)} on {W.device}")
+    if not out.is_floating_point():
+        raise TypeError("out must be a floating tensor")
+    if out.data_ptr() == W.data_ptr():
+        raise ValueError("out must not be W itself")
 
 
 def _check_inputs(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor, transposed: bool) -> None:
@@ -218,18 +247,23 @@ def apply_lowrank_update_(
     *,
     alpha: float = 1.0,
     transposed: bool = False,
+    out: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """In place ``W ← W + α·U Vᵀ`` (``W += α·V Uᵀ`` if ``transposed``); returns two floats.
 
     ``U``: ``[d_out, r]``, ``V``: ``[d_in, r]``; ``W``: ``[d_out, d_in]``, or ``[d_in, d_out]``
     with ``transposed=True`` (GPT-2 Conv1D). W keeps its dtype (fp32/fp16/bf16); the math is
-    fp32 and W is rounded once. Returns ``(‖W_new‖_F, ‖α U Vᵀ‖_F)`` as Python floats (this
-    synchronises with the GPU), the first of the values stored in W. Works on parameters
-    (runs under ``no_grad``).
+    fp32 and W is rounded once. ``out``: a tensor of W's shape (the model's 16-bit weight when
+    W is its fp32 master copy) that receives the new W rounded to-nearest to its own dtype, in
+    the same pass. Returns ``(‖W_new‖_F, ‖α U Vᵀ‖_F)`` as Python floats (this synchronises
+    with the GPU), the first of the values stored in W. Works on parameters (``no_grad``).
     """
     _check_inputs(W, U, V, transposed)
+    _check_out(W, out)
     supported = (
-        W.dtype in _KERNEL_W_DTYPES
+        (out is None or (out.dtype in _KERNEL_W_DTYPES
+                         and dispatch.dot_dtype_ok(out.dtype, out.device)))
+        and W.dtype in _KERNEL_W_DTYPES
         and U.dtype in _FACTOR_DTYPES
         and V.dtype in _FACTOR_DTYPES
         and dispatch.dot_dtype_ok(W.dtype, W.device)
@@ -237,6 +271,6 @@ def apply_lowrank_update_(
     )
     backend = dispatch.select_backend("lowrank_update", W, U, V, supported=supported)
     if backend == "torch":
-        return apply_lowrank_update_naive(W, U, V, alpha=alpha, transposed=transposed)
-    return apply_lowrank_update_triton(W, U, V, alpha=alpha, transposed=transposed,
+        return apply_lowrank_update_naive(W, U, V, alpha=alpha, transposed=transposed, out=out)
+    return apply_lowrank_update_triton(W, U, V, alpha=alpha, transposed=transposed, out=out,
                                        interpret=backend == "interpret")

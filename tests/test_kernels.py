@@ -321,6 +321,36 @@ def test_lowrank_many_tiles_interpreted(monkeypatch):
     _check_update(W, W0, U, V, 1.5, False, norms, torch.float32)
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["W", "Wt"])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_lowrank_update_master_and_16bit_copy(backend, out_dtype, transposed):
+    """fp32 master + the model's 16-bit weight in one pass: master exact to fp32, the copy is
+    the master rounded to-nearest (bitwise), every element written (poisoned beforehand)."""
+    name, device = backend
+    _skip_bf16_interpreted(name, out_dtype)
+    gen = torch.Generator().manual_seed(21 + transposed)
+    d_out, d_in, rank, alpha = 37, 58, 19, 0.7
+    U = torch.randn(d_out, rank, generator=gen)
+    V = torch.randn(d_in, rank, generator=gen)
+    M0 = torch.randn((d_in, d_out) if transposed else (d_out, d_in), generator=gen)
+    master = M0.clone().to(device)
+    out = torch.full(M0.shape, float("nan"), dtype=out_dtype, device=device)
+    norms = K.apply_lowrank_update_(master, U.to(device), V.to(device), alpha=alpha,
+                                    transposed=transposed, out=out)
+    assert K.last_backend("lowrank_update") == name
+    _check_update(master, M0, U, V, alpha, transposed, norms, torch.float32)
+    assert torch.equal(out, master.to(out_dtype))
+
+
+def test_lowrank_update_out_checked():
+    W = torch.zeros(4, 5)
+    U, V = torch.zeros(4, 2), torch.zeros(5, 2)
+    with pytest.raises(ValueError, match="must match W"):
+        K.apply_lowrank_update_(W, U, V, out=torch.zeros(5, 4, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="not be W"):
+        K.apply_lowrank_update_(W, U, V, out=W)
+
+
 def test_lowrank_update_rejects_bad_shapes():
     W = torch.zeros(4, 5)
     with pytest.raises(ValueError):

@@ -109,14 +109,31 @@ def test_mirror_compiles_for_sm90():
 )
 def test_lowrank_update_compiles_for_sm90(w_dtype, f_dtype, precision):
     args = dict(W_ptr=f"*{w_dtype}", A_ptr=f"*{f_dtype}", B_ptr=f"*{f_dtype}", P_ptr="*fp32",
-                M=4096, N=14336, R=100, stride_wm=14336, stride_wn=1, stride_am=100,
-                stride_ar=1, stride_bn=100, stride_br=1, alpha=1.0, r_bucket=7)
+                O_ptr=f"*{w_dtype}", M=4096, N=14336, R=100, stride_wm=14336, stride_wn=1,
+                stride_am=100, stride_ar=1, stride_bn=100, stride_br=1, stride_om=14336,
+                stride_on=1, alpha=1.0, r_bucket=7)
     kernel = lr_mod.LOWRANK_UPDATE_KERNEL
-    ptx, shared = _compile_sm90(kernel, args, {"INPUT_PRECISION": precision}, kernel.configs[0])
+    ptx, shared = _compile_sm90(kernel, args, {"INPUT_PRECISION": precision, "HAS_OUT": False},
+                                kernel.configs[0])
     assert shared <= H100_SHARED
     assert "ld.global.v4" in ptx and "st.global.v4" in ptx  # one vectorised pass over W
     if precision != "ieee":
         assert "wgmma.mma_async" in ptx
+
+
+@pytest.mark.parametrize("out_dtype", ["bf16", "fp16"])
+def test_lowrank_update_with_master_compiles_for_sm90(out_dtype):
+    """fp32 master + 16-bit model copy: one pass, both stored vectorised."""
+    args = dict(W_ptr="*fp32", A_ptr="*fp32", B_ptr="*fp32", P_ptr="*fp32",
+                O_ptr=f"*{out_dtype}", M=4096, N=14336, R=100, stride_wm=14336, stride_wn=1,
+                stride_am=100, stride_ar=1, stride_bn=100, stride_br=1, stride_om=14336,
+                stride_on=1, alpha=1.0, r_bucket=7)
+    kernel = lr_mod.LOWRANK_UPDATE_KERNEL
+    ptx, shared = _compile_sm90(kernel, args, {"INPUT_PRECISION": "tf32x3", "HAS_OUT": True},
+                                kernel.configs[0])
+    assert shared <= H100_SHARED
+    assert "ld.global.v4" in ptx and ptx.count("st.global.v4") >= 2  # master and copy
+    assert "wgmma.mma_async" in ptx
 
 
 def _simulated_autotuned(kernel, monkeypatch: pytest.MonkeyPatch) -> list[dict]:

@@ -73,13 +73,21 @@ def test_cache_hit_refusal_and_resume(tiny, tokenizer, corpus, tmp_path, monkeyp
         assert torch.equal(first[l], again[l])
     monkeypatch.undo()
 
-    # Another model's fingerprint is refused with a clear message.
+    # Another model of the same name gets its own entry; a file whose header names another
+    # model is refused with a clear message.
     other = copy.deepcopy(tiny)
     with torch.no_grad():
         ModelView(other).weight(0).mul_(1.5)
+    second_moments(ModelView(other), tokenizer, LAYERS, corpus,
+                   **{**kw, "fingerprint": model_fingerprint(other)})
+    assert len(sorted(tmp_path.rglob("layer*.safetensors"))) == 2 * len(LAYERS)
+    mine = [f for f in files if f"-{fp[:12]}." in f.name][0]
+    theirs = [f for f in tmp_path.rglob(f"{mine.name.split('-')[0]}-*.safetensors")
+              if model_fingerprint(other)[:12] in f.name][0]
+    mine.write_bytes(theirs.read_bytes())
     with pytest.raises(StatsCacheError, match="another model"):
-        second_moments(ModelView(other), tokenizer, LAYERS, corpus,
-                       **{**kw, "fingerprint": model_fingerprint(other)})
+        second_moments(view, tokenizer, LAYERS, corpus, **kw)
+    mine.unlink()
 
     # Interrupted after a checkpoint: resuming gives the uninterrupted result.
     fresh = tmp_path / "resume"

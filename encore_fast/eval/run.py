@@ -30,6 +30,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from encore_fast.errors import EncoreFastError
 from encore_fast.eval.datasets import EvalRecord
 from encore_fast.eval.degradation import (
     known_fact_hits,
@@ -38,13 +39,14 @@ from encore_fast.eval.degradation import (
     perplexity_windows,
 )
 from encore_fast.eval.metrics import evaluate_records
+from encore_fast.io import atomic_write_text
 
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.jsonl"
 _EDITS = re.compile(r"^edits-(\d{5,})\.safetensors$")
 
 
-class RunConfigError(RuntimeError):
+class RunConfigError(EncoreFastError, RuntimeError):
     """A run folder that cannot be (re)used: different config, or inconsistent files."""
 
 
@@ -186,9 +188,11 @@ def run_sequential(
             f"{n_saved}; the folder is inconsistent, start a new run"
         )
     if n_saved == n_batch_lines + 1:  # saved, then interrupted before the line was written
-        line = {"type": "batch", "batch": n_saved - 1, "recovered": True}
-        line["edits_done"] = sum(len(b) for b in batches[:n_saved])
-        line["weight_norms"] = ed.weight_norms()
+        line = _saved_line(ed, out, n_saved)
+        if line is None:  # edits saved by an older version, without their line
+            line = {"type": "batch", "batch": n_saved - 1, "recovered": True}
+            line["edits_done"] = sum(len(b) for b in batches[:n_saved])
+            line["weight_norms"] = ed.weight_norms()
         append_jsonl(results, line)
         lines.append(_json_safe(line))
 
@@ -224,12 +228,12 @@ def run_sequential(
             requests = [rec.request for rec in batches[b]]
             reports = ed.edit(requests, batch_size=len(requests), progress=False)
             wall = time.perf_counter() - start
-            _save_edits(ed, out, b + 1)
             line = {"type": "batch", "batch": b}
             line["edits_done"] = sum(len(x) for x in batches[: b + 1])
             line["wall_seconds"] = wall
             for report in reports:
                 line.update({k: v for k, v in _as_dict(report).items() if k not in line})
+            _save_edits(ed, out, b + 1, line)  # the line travels with the edits it describes
             append_jsonl(results, line)
             bar.update(1)
             _show(bar, evaluate_if_due(b + 1))
@@ -319,21 +323,30 @@ def _edits_files(out: Path) -> dict[int, Path]:
     return found
 
 
-def _save_edits(editor: Any, out: Path, batches_done: int) -> None:
-    """Write the editor's state atomically, then drop older states."""
+def _save_edits(editor: Any, out: Path, batches_done: int, line: Mapping[str, Any]) -> None:
+    """Write the editor's state (atomically, with the batch's results line), then drop older
+    states."""
     final = out / f"edits-{batches_done:05d}.safetensors"
-    tmp = out / f"edits-{batches_done:05d}.tmp.safetensors"
-    editor.save_edits(tmp)
-    os.replace(tmp, final)
+    editor.save_edits(final, metadata={"run_line": _json_safe(line)})
     for count, path in _edits_files(out).items():
         if count != batches_done:
             path.unlink(missing_ok=True)
 
 
+def _saved_line(editor: Any, out: Path, batches_done: int) -> dict[str, Any] | None:
+    """The results line saved with the newest edits (None for files without one)."""
+    read = getattr(editor, "read_metadata", None)
+    if read is None:
+        return None
+    line = read(out / f"edits-{batches_done:05d}.safetensors").get("run_line")
+    return dict(line) if isinstance(line, Mapping) else None
+
+
 def _load_newest_edits(editor: Any, out: Path) -> int:
     """Load the newest saved state into a still-unedited editor; return its batch count."""
-    for stale in out.glob("edits-*.tmp.safetensors"):  # a save that was interrupted
-        stale.unlink(missing_ok=True)
+    for pattern in ("edits-*.tmp.safetensors", ".edits-*.safetensors.tmp*"):
+        for stale in out.glob(pattern):  # a save that was interrupted
+            stale.unlink(missing_ok=True)
     files = _edits_files(out)
     if not files:
         return 0
@@ -348,9 +361,7 @@ def _load_newest_edits(editor: Any, out: Path) -> int:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def _stream_hash(stream: Sequence[EvalRecord]) -> str:

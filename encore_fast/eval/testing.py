@@ -149,12 +149,17 @@ class FakeEditor:
             )
         ]
 
-    def save_edits(self, path: Any) -> None:
+    def save_edits(self, path: Any, metadata: Any = None) -> None:
         with open(path, "w", encoding="utf-8") as fh:
-            json.dump(self.batches, fh)
+            json.dump({"batches": self.batches, "extra": dict(metadata or {})}, fh)
+
+    @staticmethod
+    def read_metadata(path: Any) -> dict:
+        with open(path, encoding="utf-8") as fh:
+            return dict(json.load(fh)["extra"])
 
     def load_edits(self, path: Any) -> None:
         if self.batches:
             raise RuntimeError("load_edits needs an unedited editor")
         with open(path, encoding="utf-8") as fh:
-            self.batches = json.load(fh)
+            self.batches = json.load(fh)["batches"]

@@ -19,6 +19,8 @@ Drift is checked on a random probe every ``check_every`` batches (‖B·(B⁻¹v
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from encore_fast.config import EditConfig
@@ -41,6 +43,12 @@ class DirectSolver:
     def after_batch(self) -> None:
         """Nothing derived to update: the next solve reads ``S`` directly."""
 
+    def fold(self, keys: torch.Tensor) -> None:
+        """Nothing derived to update (replaying history)."""
+
+    def discard(self) -> None:
+        """Nothing kept between solve and after_batch."""
+
 
 class WoodburySolver:
     """Per-layer solver state for one update rule; same ``V`` as ``rule.solve``."""
@@ -55,7 +63,7 @@ class WoodburySolver:
         self.batches = 0
         self.refactorisations = 0
         self.inv = self._fresh_inverse()
-        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._pending: tuple[torch.Tensor, ...] | None = None
 
     def base_matrix(self) -> torch.Tensor:
         """The matrix whose inverse is kept (``B``, or ``Q`` for AlphaEdit), built explicitly."""
@@ -77,30 +85,50 @@ class WoodburySolver:
         return torch.cholesky_inverse(torch.linalg.cholesky(b))
 
     def solve(self, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
-        """``V`` with ``Δ = R Vᵀ`` for keys ``[d_in, n]`` (float64)."""
+        """``V`` with ``Δ = R Vᵀ`` for keys ``[d_in, n]`` (float64). Changes nothing: the batch
+        is folded in by :meth:`after_batch` (or dropped by :meth:`discard`)."""
+        g, small = self._prepare(keys)
+        return torch.linalg.solve(small.T, g.T).T  # G small⁻¹
+
+    def fold(self, keys: torch.Tensor) -> None:
+        """Fold a batch in without solving for it (replaying history): the same operations
+        on the same inputs as :meth:`solve` + :meth:`after_batch`."""
+        self._prepare(keys)
+        self.after_batch()
+
+    def _prepare(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``G = B⁻¹K`` (AlphaEdit: ``Q⁻¹PK``) and ``I + KᵀG``, and everything the fold needs
+        that can fail (its factorisation), so that :meth:`after_batch` cannot fail halfway."""
         rhs = keys
         if self.alpha_edit:
             rhs = self.rule.projector(self.state, self.cfg) @ keys  # type: ignore[union-attr]
         g = self.inv @ rhs
         small = torch.eye(keys.shape[1], dtype=keys.dtype, device=keys.device) + keys.T @ g
-        v = torch.linalg.solve(small.T, g.T).T  # G small⁻¹
-        self._pending = (keys, g, small)
-        return v
+        self._pending = None
+        if self.rule.sequential:
+            if self.alpha_edit:
+                self._pending = (g, torch.linalg.solve(small, keys.T @ self.inv))
+            else:
+                chol = torch.linalg.cholesky(0.5 * (small + small.T))
+                self._pending = (torch.linalg.solve_triangular(chol, g.T, upper=False),)
+        return g, small
+
+    def discard(self) -> None:
+        """Forget a solved batch that was not applied."""
+        self._pending = None
 
     def after_batch(self) -> None:
         """Fold the last solved batch into the kept inverse (sequential methods)."""
-        if self._pending is None:
-            raise RuntimeError("after_batch() without a solve()")
-        keys, g, small = self._pending
-        self._pending = None
         if not self.rule.sequential:
             return
+        if self._pending is None:
+            raise RuntimeError("after_batch() without a solve()")
+        pending, self._pending = self._pending, None
         if self.alpha_edit:
-            kt_inv = keys.T @ self.inv
-            self.inv.addmm_(g, torch.linalg.solve(small, kt_inv), alpha=-1.0)
+            g, small_inv_kt_inv = pending
+            self.inv.addmm_(g, small_inv_kt_inv, alpha=-1.0)
         else:
-            chol = torch.linalg.cholesky(0.5 * (small + small.T))
-            x = torch.linalg.solve_triangular(chol, g.T, upper=False)  # L⁻¹ Gᵀ, [n, d_in]
+            (x,) = pending  # L⁻¹ Gᵀ, [n, d_in]
             covariance_update_(self.inv, x, alpha=-1.0, beta=1.0)
         self.batches += 1
         if self.check_every and self.batches % self.check_every == 0:
@@ -116,7 +144,12 @@ class WoodburySolver:
     def check_drift(self) -> bool:
         """Recompute the inverse if it drifted; returns whether it did."""
         if self.drift() > self.tolerance:
-            self.inv = self._fresh_inverse()
+            try:
+                self.inv = self._fresh_inverse()
+            except torch.linalg.LinAlgError as exc:  # keep the drifted inverse, say so
+                warnings.warn(f"Woodbury solver: the inverse drifted and could not be "
+                              f"recomputed ({exc}); keeping the updated one", stacklevel=2)
+                return False
             self.refactorisations += 1
             return True
         return False

@@ -115,6 +115,16 @@ class ModelView:
             raise ValueError(f"layer {layer} out of range: the model has {len(self.blocks)} blocks")
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in (that of its first parameter)."""
+        return next(self.model.parameters()).dtype
+
+    @property
+    def dtype_name(self) -> str:
+        """``"float32"``, ``"bfloat16"``, ...: the dtype as messages and cache names spell it."""
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 

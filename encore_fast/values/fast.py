@@ -489,6 +489,7 @@ def _optimize(
     mpes = [MPES(cfg.mpes_extra_steps) for _ in range(n)]
     results: list[dict[str, Any]] = [
         dict(steps=0, updates=0, stopped=False, loss=[], correct=[]) for _ in range(n)]
+    zero_grads = torch.zeros(n, dtype=torch.long, device=device)
     kl_init = torch.zeros(n, head.weight.shape[0], device=device)
     active = torch.arange(n, device=device)
     softcap = getattr(model.config, "final_logit_softcapping", None)
@@ -548,6 +549,7 @@ def _optimize(
                 new = delta[cont].addcdiv_(m, denom, value=-step_size)
                 clamp_(new, cfg.clamp_norm_factor * h0_norm[cont])
                 delta[cont] = new
+            zero_grads[cont] += (~grad.any(dim=-1)).long()  # read once at the end: no sync
             for i in cont.tolist():
                 results[i]["updates"] += 1
             if progress is not None:
@@ -557,10 +559,11 @@ def _optimize(
                 keep_req = set(active.tolist())
                 ps.select([k for k, s in enumerate(ps.segs) if s.req in keep_req])
                 rr, rc, slot, kl_pos = tg_all.positions(active)
+    zeros = zero_grads.tolist()
     return [
         ValueResult(z=(h0[i] + delta[i]).float(), h0=h0[i], steps=r["steps"],
                     updates=r["updates"], mpes_stopped=r["stopped"], loss_history=r["loss"],
-                    correct_history=r["correct"])
+                    correct_history=r["correct"], zero_grad_updates=zeros[i])
         for i, r in enumerate(results)
     ]
 

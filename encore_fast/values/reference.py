@@ -31,6 +31,7 @@ class ValueResult:
     mpes_stopped: bool
     loss_history: list[float] = field(default_factory=list)
     correct_history: list[bool] = field(default_factory=list)  # all prefixed prompts top-1
+    zero_grad_updates: int = 0  # updates whose gradient was exactly zero (16-bit underflow)
 
 
 def optimize_value(
@@ -63,7 +64,7 @@ def optimize_value(
     history: list[float] = []
     correct_hist: list[bool] = []
     kl_init = None
-    updates, stopped = 0, False
+    updates, stopped, zero_grads = 0, False, 0
     for p in view.model.parameters():
         p.requires_grad_(False)
     handle = view.blocks[layer].register_forward_hook(hook)
@@ -95,6 +96,7 @@ def optimize_value(
             if history[-1] < cfg.loss_cutoff or it == cfg.v_num_grad_steps - 1:
                 break
             loss.backward()
+            zero_grads += int(not bool(delta.grad.any()))
             opt.step()
             updates += 1
             with torch.no_grad():
@@ -105,7 +107,7 @@ def optimize_value(
     return ValueResult(
         z=(h0 + delta.detach()).float(), h0=h0, steps=len(history), updates=updates,
         mpes_stopped=stopped, loss_history=history,
-        correct_history=correct_hist,
+        correct_history=correct_hist, zero_grad_updates=zero_grads,
     )
 
 
