@@ -9,11 +9,13 @@ from __future__ import annotations
 import copy
 import gc
 import hashlib
-import json
 import warnings
 
 import pytest
 import torch
+from helpers import FAST
+from helpers import counterfact_requests as _requests
+from helpers import small_editor as _editor
 
 from encore_fast.editor import Editor
 from encore_fast.errors import (
@@ -25,19 +27,6 @@ from encore_fast.errors import (
 )
 from encore_fast.requests import EditRequest, RequestError
 from encore_fast.stats import StatsCacheError
-
-FAST = dict(layers=[2, 3], v_num_grad_steps=4, stats_samples=16, stats_max_length=32,
-            lambda_p=10.0, lambda_n=1.0)
-
-
-def _requests(data_dir, start: int, n: int) -> list[EditRequest]:
-    records = json.loads((data_dir / "counterfact" / "counterfact-train.json").read_text())
-    return [EditRequest.from_dict(r) for r in records[start : start + n]]
-
-
-def _editor(model, tokenizer, corpus, method="encore", **over) -> Editor:
-    return Editor(model, tokenizer, method, preset=None, corpus=corpus, stats_cache=False,
-                  progress=False, **{**FAST, **over})
 
 
 def _state_hash(ed: Editor) -> str:
