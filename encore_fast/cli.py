@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from encore_fast.requests import EditRequest, RequestError
+from encore_fast.config import parse_overrides
+from encore_fast.errors import EncoreFastError
+from encore_fast.requests import EditRequest
 
 DEMO_EDITS = [
     EditRequest("The capital of {} is", "France", "Rome", ground_truth="Paris", case_id="demo-0"),
@@ -41,17 +43,46 @@ def complete(model: torch.nn.Module, tokenizer: Any, prompt: str, n_tokens: int 
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+
+
+def check_settings(model: str | None, method: str, preset: str | None,
+                   overrides: dict[str, Any]) -> None:
+    """Refuse unknown or bad settings before a model is loaded (ConfigError); the layers are
+    checked against the model's depth once it is loaded."""
+    from encore_fast.config import guess_preset, make_config
+
+    if preset == "auto":
+        preset = guess_preset("smollm2-135m" if model is None else str(model))
+    make_config(method, preset, None, **overrides)
+
+
+def check_out_file(path: str | Path, overwrite: bool) -> None:
+    """Refuse to replace an existing output file unless asked to."""
+    if Path(path).exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a file")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -59,8 +90,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from encore_fast.editor import Editor
 
     print(f"Loading {args.model or 'the bundled SmolLM2-135M-Instruct'} ...", flush=True)
+    overrides = parse_overrides(args.overrides)
+    check_settings(args.model, args.method, "auto", overrides)
     editor = Editor.from_pretrained(args.model, args.method, engine=args.engine,
-                                    **_parse_overrides(args.overrides))
+                                    dtype=DTYPES[args.dtype], **overrides)
     model, tok = editor.model, editor.tokenizer
     rows = [(f"edit -> {r.target_new}", r.text) for r in DEMO_EDITS] + DEMO_CHECKS
     before = [complete(model, tok, p) for _, p in rows]
@@ -85,21 +118,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_edit(args: argparse.Namespace) -> int:
     """Apply a JSON/JSONL file of requests to a model and save the edits."""
-    from encore_fast.editor import Editor, edit_requests_from_json
+    from encore_fast.editor import Editor
+    from encore_fast.requests import read_requests_file, validate_requests
 
-    try:
-        requests = edit_requests_from_json(args.requests)
-    except (OSError, ValueError, RequestError) as exc:
-        print(f"error: cannot read requests from {args.requests}: {exc}", file=sys.stderr)
-        return 2
-    editor = Editor.from_pretrained(args.model, args.method, preset=args.preset or "auto",
+    requests = read_requests_file(args.requests)
+    validate_requests(requests, None, batch_size=args.batch_size)  # all but lengths, no model
+    overrides = parse_overrides(args.overrides)
+    preset = args.preset or "auto"
+    check_settings(args.model, args.method, preset, overrides)
+    check_out_file(args.out, args.overwrite)
+    if args.corpus is not None and not Path(args.corpus).exists() and Path(
+            args.corpus).suffix in (".txt", ".json", ".jsonl"):
+        raise FileNotFoundError(f"--corpus {args.corpus}: no such file")
+    editor = Editor.from_pretrained(args.model, args.method, preset=preset,
                                     engine=args.engine, corpus=args.corpus,
-                                    **_parse_overrides(args.overrides))
-    try:
-        reports = editor.edit(requests, batch_size=args.batch_size)
-    except RequestError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+                                    dtype=DTYPES[args.dtype], **overrides)
+    reports = editor.edit(requests, batch_size=args.batch_size)
+    check_out_file(args.out, args.overwrite)  # (still free after the edits)
     path = editor.save_edits(args.out)
     total = sum(r.seconds for r in reports)
     print(f"{len(requests)} edits in {len(reports)} batch(es), {total:.1f} s "
@@ -108,15 +143,22 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from encore_fast.editor import ENGINES
+    from encore_fast.methods import RULES
+
     parser = argparse.ArgumentParser(prog="encore-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def model_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
-        p.add_argument("--model", default=None, help="HF name or path (default: bundled)")
-        if with_method:
-            p.add_argument("--method", default="encore",
-                           choices=("encore", "memit", "memit-seq", "alphaedit"))
-        p.add_argument("--engine", default="fast", choices=("fast", "reference"))
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default=None,
+                       help="Hugging Face name or local path (default: the bundled SmolLM2-135M)")
+        p.add_argument("--method", default="encore", choices=sorted(RULES),
+                       help="editing method (default: encore)")
+        p.add_argument("--engine", default="fast", choices=ENGINES,
+                       help="fast (default) or reference (slow, the published algorithm)")
+        p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                       help="model dtype; bf16/fp16 edit with fp32 master weights "
+                            "(default: fp32)")
         p.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="KEY=VALUE", help="setting override (JSON value); repeatable")
 
@@ -126,9 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     edit = sub.add_parser("edit", help="apply a JSON/JSONL file of requests, save the edits")
     edit.add_argument("requests", help="JSON list or JSONL of {prompt, subject, target_new}")
-    edit.add_argument("--out", default="edits.safetensors", help="where to save the edits")
-    edit.add_argument("--batch-size", type=int, default=None)
-    edit.add_argument("--preset", default=None)
+    edit.add_argument("--out", default="edits.safetensors",
+                      help="where to save the edits (default: edits.safetensors)")
+    edit.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    edit.add_argument("--batch-size", type=positive_int, default=None,
+                      help="edits per batch (default: the preset's)")
+    edit.add_argument("--preset", default=None,
+                      help="settings preset (default: from the model's name)")
     edit.add_argument("--corpus", default=None, help="text for C0 (file, or dataset name)")
     model_args(edit)
     edit.set_defaults(func=cmd_edit)
@@ -142,8 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a subcommand; a user mistake ends in one line on stderr and exit status 2."""
+    from encore_fast.eval.datasets import DatasetError
+    from encore_fast.eval.run import RunConfigError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (EncoreFastError, DatasetError, RunConfigError, OSError) as exc:
+        print(f"encore-fast {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if not isinstance(exc, OSError) or exc.filename is None or str(
+        exc.filename) in text else f"{text}: {exc.filename}"
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ give the papers' settings per model; every field can be overridden by keyword.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,3 +212,18 @@ def make_config(
     if isinstance(cfg.layers, tuple):
         cfg = cfg.replace(layers=list(cfg.layers))
     return cfg.validate(num_layers)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["lambda_p=150", "layers=[4,5]"]`` -> ``{"lambda_p": 150, "layers": [4, 5]}``: the one
+    parser of ``--set KEY=VALUE`` (VALUE read as JSON when it is JSON, else kept as text)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out

@@ -14,7 +14,7 @@ import os
 import time
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +39,13 @@ from encore_fast.models.arch import ArchSpec, ModelView
 from encore_fast.models.fingerprint import model_fingerprint, weights_fingerprint
 from encore_fast.models.loading import load_model, prepare_tokenizer
 from encore_fast.paths import default_corpus
-from encore_fast.requests import EditRequest, as_requests, encode, validate_requests
+from encore_fast.requests import (
+    EditRequest,
+    as_requests,
+    encode,
+    read_requests_file,
+    validate_requests,
+)
 from encore_fast.stats import check_second_moments, second_moments
 from encore_fast.values.keys import SubjectForwards
 from encore_fast.values.prompts import build_value_prompts
@@ -715,12 +721,5 @@ def sample_corpus(model: torch.nn.Module, tokenizer: Any, n: int = 64, length: i
 
 
 def edit_requests_from_json(path: str | os.PathLike) -> list[EditRequest]:
-    """Requests from a JSON list or JSON-lines file (any supported layout)."""
-    path = Path(path)
-    text = path.read_text()
-    if path.suffix == ".jsonl":
-        records: Sequence[Any] = [json.loads(line) for line in text.splitlines() if line.strip()]
-    else:
-        data = json.loads(text)
-        records = data if isinstance(data, list) else [data]
-    return as_requests(records)
+    """Requests from a JSON list or JSON-lines file (see :func:`requests.read_requests_file`)."""
+    return read_requests_file(path)

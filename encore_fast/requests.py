@@ -7,8 +7,11 @@ here, before any weight changes, and reported with the request it came from.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from encore_fast.errors import RequestError
@@ -230,3 +233,47 @@ def validate_requests(
                     "and subject in one batch; drop one of them (a later batch may re-edit "
                     "the fact)")
             seen[key] = (i, req.target_new)
+
+
+def read_requests_file(path: str | os.PathLike) -> list[EditRequest]:
+    """Requests from a JSON list (or one JSON object) or a JSON-lines file (``.jsonl``, or any
+    file that is not one JSON document). Errors name the file and the line (JSONL, blank lines
+    counted) or the index (JSON list) of the bad record."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RequestError(f"cannot read requests from {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise RequestError(f"{path} is not a UTF-8 text file") from None
+    records: list[tuple[str, Any]] = []
+    if path.suffix != ".jsonl":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if path.suffix == ".json" or "\n" not in text.strip():
+                raise RequestError(f"{path}: not valid JSON ({exc})") from None
+            data = None  # several documents: read it as JSON lines
+        if data is not None:
+            items = data if isinstance(data, list) else [data]
+            records = [(f"record #{i}", r) for i, r in enumerate(items)]
+    if not records and (path.suffix == ".jsonl" or data is None):
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"line {n}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise RequestError(f"{path} line {n}: not valid JSON ({exc.msg})") from None
+    if not records:
+        raise RequestError(f"{path} holds no requests")
+    out = []
+    for where, record in records:
+        if not isinstance(record, Mapping):
+            raise RequestError(f"{path} {where}: expected an object with prompt, subject and "
+                               f"target_new, got {type(record).__name__}")
+        try:
+            out.append(EditRequest.from_dict(record))
+        except RequestError as exc:
+            raise RequestError(f"{path} {where}: {exc}") from None
+    return out

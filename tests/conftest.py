@@ -80,3 +80,12 @@ def corpus(data_dir) -> list[str]:
 def smollm2():
     """The real bundled model (SmolLM2-135M-Instruct), loaded once."""
     return load_model()
+
+
+@pytest.fixture
+def tiny_dir(tiny_models, tokenizer, tmp_path) -> Path:
+    """The tiny random Llama saved with the bundled tokenizer, as a model folder."""
+    path = tmp_path / "tiny-llama"
+    tiny_models["llama"].save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

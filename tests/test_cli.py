@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from encore_fast.cli import main
 from encore_fast.editor import Editor
-
-
-@pytest.fixture
-def tiny_dir(tiny_models, tokenizer, tmp_path):
-    path = tmp_path / "tiny-llama"
-    tiny_models["llama"].save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_edit_command_saves_loadable_edits(tiny_dir, tmp_path, data_dir, capsys):

@@ -10,8 +10,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from encore_fast.cli import main
 from encore_fast.eval.run import read_results
 
@@ -39,14 +37,6 @@ def _batch_lines(path) -> int:
     if not path.exists():
         return 0
     return sum('"type": "batch"' in line for line in path.read_text().splitlines())
-
-
-@pytest.fixture
-def tiny_dir(tiny_models, tokenizer, tmp_path):
-    path = tmp_path / "tiny-llama"
-    tiny_models["llama"].save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_killed_and_resumed_eval_equals_uninterrupted(tiny_dir, data_dir, tmp_path,

@@ -12,12 +12,15 @@ The helpers below are shared with ``benchmarks/compare_methods.py``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from encore_fast.config import parse_overrides
+from encore_fast.errors import EncoreFastError
 from encore_fast.eval.datasets import (
     LAYOUTS,
     DatasetError,
@@ -31,6 +34,23 @@ from encore_fast.eval.run import EvalSettings, RunConfigError, run_sequential
 DEFAULT_DATASET = "counterfact/counterfact-edit.json"
 DEFAULT_WIKITEXT = "wikitext-2/test.txt"
 DEFAULT_KNOWN = "known_1000.json"
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int, non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +59,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="HF name or path (default: bundled SmolLM2)")
     g.add_argument("--preset", default="auto",
                    help="settings preset (auto: from the model name; see encore_fast.config)")
-    g.add_argument("--engine", default="fast", help="editing engine (fast or reference)")
+    g.add_argument("--engine", default="fast", choices=("fast", "reference"),
+                   help="editing engine (fast or reference)")
+    g.add_argument("--dtype", default="fp32", choices=DTYPES,
+                   help="model dtype; bf16/fp16 edit with fp32 master weights (default: fp32)")
     g.add_argument("--corpus", default=None, help="text corpus for the key statistics C0")
     g.add_argument(
         "--set",
@@ -51,20 +74,23 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g = parser.add_argument_group("edit stream")
     g.add_argument("--dataset", default="auto", help=f"data file or URL (auto: {DEFAULT_DATASET})")
-    g.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS))
+    g.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS),
+                   help="record layout of the data (default: detected)")
     g.add_argument(
         "--on-error",
         default="raise",
         choices=("raise", "warn"),
         help="malformed records: stop, or warn and skip them",
     )
-    g.add_argument("--num-edits", type=int, default=100)
-    g.add_argument("--batch-size", type=int, default=10, help="edits per batch")
+    g.add_argument("--num-edits", type=positive_int, default=100,
+                   help="edits in the stream (default: 100)")
+    g.add_argument("--batch-size", type=positive_int, default=10, help="edits per batch")
     g = parser.add_argument_group("evaluation")
-    g.add_argument("--eval-every", type=int, default=2, help="evaluate every k batches (0: end)")
+    g.add_argument("--eval-every", type=non_negative_int, default=2,
+                   help="evaluate every k batches (0: end)")
     g.add_argument(
         "--eval-sample",
-        type=int,
+        type=non_negative_int,
         default=100,
         help="evaluate a fixed random sample of this many records (0: all)",
     )
@@ -72,13 +98,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--wikitext", default="auto", help=f"perplexity text (auto: {DEFAULT_WIKITEXT}; none: skip)"
     )
-    g.add_argument("--ppl-tokens", type=int, default=8192, help="first tokens scored")
-    g.add_argument("--ppl-window", type=int, default=256, help="window length in tokens")
+    g.add_argument("--ppl-tokens", type=positive_int, default=8192, help="first tokens scored")
+    g.add_argument("--ppl-window", type=positive_int, default=256, help="window length in tokens")
     g.add_argument("--known-facts", default="auto", help=f"auto: {DEFAULT_KNOWN}; none: skip")
-    g.add_argument("--known-n", type=int, default=200, help="first known facts checked (0: all)")
+    g.add_argument("--known-n", type=non_negative_int, default=200,
+                   help="first known facts checked (0: all)")
     g.add_argument(
         "--gen-tokens",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="greedy tokens per generation prompt for GE (0: no GE)",
     )
@@ -88,31 +115,21 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("dataset", "rewrite"),
         help="GE prompts: the data's generation_prompts, or the rewrite prompts",
     )
-    g.add_argument("--score-batch-size", type=int, default=16, help="prompts per forward")
-    g.add_argument("--no-plots", action="store_true")
+    g.add_argument("--score-batch-size", type=positive_int, default=16,
+                   help="prompts per forward")
+    g.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """All options of ``encore-fast eval``."""
-    parser.add_argument("--method", default="encore", help="encore, memit or alphaedit")
+    from encore_fast.methods import RULES
+
+    parser.add_argument("--method", default="encore", choices=sorted(RULES),
+                        help="editing method (default: encore)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/<method>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     add_common_arguments(parser)
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["lambda_p=150", "layers=[4,5]"]`` -> ``{"lambda_p": 150, "layers": [4, 5]}``."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
 
 
 def _data_file(value: str, default: str, what: str) -> str | None:
@@ -168,6 +185,8 @@ def editor_factory(
             preset=args.preset,
             engine=args.engine,
             corpus=args.corpus,
+            dtype={"fp32": torch.float32, "bf16": torch.bfloat16,
+                   "fp16": torch.float16}[getattr(args, "dtype", "fp32")],
             **overrides,
         )
 
@@ -181,6 +200,7 @@ def run_info(args: argparse.Namespace, method: str, overrides: dict[str, Any]) -
         "model": args.model,
         "preset": args.preset,
         "engine": args.engine,
+        "dtype": getattr(args, "dtype", "fp32"),
         "corpus": args.corpus,
         "overrides": overrides,
         "dataset": args.dataset,
@@ -188,9 +208,19 @@ def run_info(args: argparse.Namespace, method: str, overrides: dict[str, Any]) -
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Run ``encore-fast eval``; prints a summary table. Returns the exit status."""
+    """Run ``encore-fast eval``; prints a summary table. Returns the exit status (2, with one
+    line on stderr, for a user mistake; nothing is written then)."""
+    from encore_fast.config import guess_preset, make_config
+
     try:
         overrides = parse_overrides(args.overrides)
+        preset = args.preset
+        if preset == "auto":
+            preset = guess_preset("smollm2-135m" if args.model is None else str(args.model))
+        make_config(args.method, preset, None, **overrides)
+        if args.corpus is not None and not Path(args.corpus).exists() and Path(
+                args.corpus).suffix in (".txt", ".json", ".jsonl"):
+            raise FileNotFoundError(f"--corpus {args.corpus}: no such file")
         records = records_from_args(args)
         settings = settings_from_args(args)
         out = Path(args.out or Path("runs") / args.method)
@@ -207,8 +237,8 @@ def run_eval(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             make_plots=not args.no_plots,
         )
-    except (DatasetError, RunConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"encore-fast eval: error: {exc}", file=sys.stderr)
+    except (EncoreFastError, DatasetError, RunConfigError, OSError) as exc:
+        print(f"encore-fast eval: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     print(markdown_table([summarize_run(load_run(out))]), end="")
     print(f"results: {out / 'results.jsonl'}")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from encore_fast.errors import EncoreFastError
 from encore_fast.paths import default_data_dir as default_data_dir
 from encore_fast.requests import EditRequest, validate_requests
 
@@ -31,7 +32,7 @@ PUBLIC_URLS = {
 }
 
 
-class DatasetError(ValueError):
+class DatasetError(EncoreFastError, ValueError):
     """A data set that cannot be read, or records that cannot be used (listed by index)."""
 
 

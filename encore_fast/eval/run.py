@@ -155,7 +155,6 @@ def run_sequential(
     """
     settings = settings or EvalSettings()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     n = len(records) if num_edits is None else num_edits
     if not 0 < n <= len(records):
         raise ValueError(f"num_edits must be in 1..{len(records)}, got {n}")
@@ -163,8 +162,13 @@ def run_sequential(
         raise ValueError("batch_size must be >= 1 and eval_every >= 0")
     stream = list(records[:n])
     batches = [stream[i : i + batch_size] for i in range(0, n, batch_size)]
+    if (out / CONFIG_FILE).exists() and not resume:  # before a model is loaded
+        raise RunConfigError(
+            f"{out} already holds a run; resume it (resume=True / --resume) or pick another folder"
+        )
     is_factory = isinstance(editor, type) or not hasattr(editor, "edit")
-    ed = editor() if is_factory else editor
+    ed = editor() if is_factory else editor  # (a bad setting fails here: nothing written yet)
+    out.mkdir(parents=True, exist_ok=True)
     config = _json_safe(
         {
             "method": getattr(ed, "method", None),
