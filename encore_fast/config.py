@@ -15,8 +15,6 @@ from typing import Any
 
 from encore_fast.errors import ConfigError
 
-METHODS = ("encore", "memit", "memit-seq", "alphaedit")
-
 
 @dataclass
 class EditConfig:
@@ -192,9 +190,12 @@ def make_config(
     Without a preset, the Llama3-8B settings are used at the same relative depth (and the caller
     is told to tune λ_p / λ_n / τ for the model's key scale; see README).
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; choose one of {METHODS}")
-    base_method = "memit" if method.startswith("memit") else method
+    from encore_fast.methods import RULES  # the registry (methods import this module)
+
+    if method not in RULES:
+        raise ConfigError(f"unknown method {method!r}; choose one of {sorted(RULES)}")
+    rule = RULES[method]
+    base_method = rule.preset
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; available: {sorted(PRESETS)}")
@@ -204,7 +205,7 @@ def make_config(
         if num_layers is not None:
             settings["layers"] = scaled_layers(num_layers)
     cfg = EditConfig().replace(**settings)
-    if method != "encore" and "mpes_extra_steps" not in overrides:
+    if not rule.mpes and "mpes_extra_steps" not in overrides:
         cfg = cfg.replace(mpes_extra_steps=None)
     cfg = cfg.replace(**overrides)
     if isinstance(cfg.context_words, list):

@@ -1,16 +1,37 @@
-"""Update rules: MEMIT, sequential MEMIT, ENCORE and AlphaEdit on shared machinery."""
+"""Update rules: MEMIT, sequential MEMIT, ENCORE and AlphaEdit on shared machinery, and the
+registry every list of methods comes from (the CLI's choices, the presets, the editor)."""
 
+from encore_fast.errors import ConfigError
 from encore_fast.methods.alphaedit import AlphaEdit, null_space_projector
-from encore_fast.methods.base import LayerState, UpdateRule
+from encore_fast.methods.base import LayerState, UpdateRule, eye_like
 from encore_fast.methods.encore import Encore
 from encore_fast.methods.memit import Memit, MemitSequential
 
-RULES: dict[str, type[UpdateRule]] = {
-    "encore": Encore,
-    "memit": Memit,
-    "memit-seq": MemitSequential,
-    "alphaedit": AlphaEdit,
-}
+RULES: dict[str, type[UpdateRule]] = {}
+PRESET_FAMILIES = ("memit", "encore", "alphaedit")
+
+
+def register(rule: type[UpdateRule], *, replace: bool = False) -> type[UpdateRule]:
+    """Make ``rule`` (an :class:`UpdateRule` subclass) available as ``method=rule.name``
+    everywhere; usable as a class decorator. A taken name needs ``replace=True``."""
+    if not (isinstance(rule, type) and issubclass(rule, UpdateRule)):
+        raise ConfigError(f"register() expects an UpdateRule subclass, got {rule!r}")
+    name = rule.name
+    if not isinstance(name, str) or not name or name == UpdateRule.name:
+        raise ConfigError(f"{rule.__name__} needs a name (class attribute 'name')")
+    if rule.preset not in PRESET_FAMILIES:
+        raise ConfigError(f"{rule.__name__}.preset must be one of {PRESET_FAMILIES}, got "
+                          f"{rule.preset!r}")
+    if name in RULES and RULES[name] is not rule and not replace:
+        raise ConfigError(f"a method called {name!r} is already registered "
+                          f"({RULES[name].__name__}); pass replace=True to replace it")
+    RULES[name] = rule
+    return rule
+
+
+def unregister(name: str) -> None:
+    """Remove a registered method (for user code and tests)."""
+    RULES.pop(name, None)
 
 
 def get_rule(name: str) -> UpdateRule:
@@ -18,8 +39,12 @@ def get_rule(name: str) -> UpdateRule:
     try:
         return RULES[name]()
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(RULES)}") from None
+        raise ConfigError(f"unknown method {name!r}; choose one of {sorted(RULES)}") from None
 
+
+for _rule in (Encore, Memit, MemitSequential, AlphaEdit):
+    register(_rule)
 
 __all__ = ["RULES", "AlphaEdit", "Encore", "LayerState", "Memit", "MemitSequential",
-           "UpdateRule", "get_rule", "null_space_projector"]
+           "UpdateRule", "eye_like", "get_rule", "null_space_projector", "register",
+           "unregister"]

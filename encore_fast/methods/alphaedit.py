@@ -23,7 +23,9 @@ def null_space_projector(c0: torch.Tensor, threshold: float, relative: bool = Fa
 
 class AlphaEdit(UpdateRule):
     name = "alphaedit"
+    preset = "alphaedit"
     sequential = True
+    symmetric = False
 
     def projector(self, state: LayerState, cfg: EditConfig) -> torch.Tensor:
         key = f"P:{cfg.null_space_threshold}:{cfg.null_space_relative}"
@@ -32,8 +34,11 @@ class AlphaEdit(UpdateRule):
                                                     cfg.null_space_relative)
         return state.cache[key]
 
-    def solve(self, keys: torch.Tensor, resid: torch.Tensor, state: LayerState,
-              cfg: EditConfig) -> torch.Tensor:
+    def base_matrix(self, state: LayerState, cfg: EditConfig) -> torch.Tensor:
+        """``Q = P S + α I`` (not symmetric)."""
         p = self.projector(state, cfg)
-        m = p @ (state.seq() + keys @ keys.T) + cfg.alpha * eye_like(p)
-        return torch.linalg.solve(m, p @ keys)
+        return p @ state.seq() + cfg.alpha * eye_like(p)
+
+    def rhs(self, keys: torch.Tensor, state: LayerState, cfg: EditConfig) -> torch.Tensor:
+        """``P K``: the keys projected onto the null space of the preserved ones."""
+        return self.projector(state, cfg) @ keys

@@ -35,15 +35,40 @@ class LayerState:
 
 
 class UpdateRule:
-    """Base class: ``solve(K, R, state, cfg) -> V`` with ``Δ = R Vᵀ``."""
+    """Base class: a rule states its linear system once; both engines solve it.
+
+    The system of a batch with keys ``K`` is ``(base_matrix + rhs(K) Kᵀ) V = rhs(K)``, with
+    ``Δ = R Vᵀ``. ``base_matrix`` is the part that changes only between batches (the fast
+    engine keeps its inverse and folds each batch in with a Woodbury update); ``symmetric``
+    rules have an SPD base matrix and ``rhs(K) = K`` (Cholesky inverse, SYRK down-date);
+    others get a general inverse. ``after_batch`` folds the keys into ``S``.
+
+    Class attributes describe the method for the registry: ``name``, ``preset`` (the preset
+    family whose settings it starts from: ``"memit"``, ``"encore"`` or ``"alphaedit"``),
+    ``mpes`` (whether MPES is on by default), ``sequential`` (whether ``S`` accumulates).
+    """
 
     name = "base"
-    sequential = True  # whether S accumulates the keys of each batch
+    preset = "memit"
+    mpes = False
+    sequential = True
+    symmetric = True
+
+    def base_matrix(self, state: LayerState, cfg: EditConfig) -> torch.Tensor:
+        """The matrix of the system without this batch's keys (float64, ``[d_in, d_in]``)."""
+        raise NotImplementedError
+
+    def rhs(self, keys: torch.Tensor, state: LayerState, cfg: EditConfig) -> torch.Tensor:
+        """How the batch's keys ``[d_in, n]`` enter the system (``K`` unless overridden)."""
+        return keys
 
     def solve(
         self, keys: torch.Tensor, resid: torch.Tensor, state: LayerState, cfg: EditConfig
     ) -> torch.Tensor:
-        raise NotImplementedError
+        """``V`` by a direct float64 solve of the full system (the reference engine); the
+        residuals ``resid`` only scale ``Δ = R Vᵀ`` and are not needed here."""
+        rhs = self.rhs(keys, state, cfg)
+        return torch.linalg.solve(self.base_matrix(state, cfg) + rhs @ keys.T, rhs)
 
     def after_batch(self, keys: torch.Tensor, state: LayerState) -> None:
         """Fold this batch's keys into ``S`` (sequential methods)."""

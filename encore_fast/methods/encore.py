@@ -17,6 +17,8 @@ from encore_fast.methods.memit import MemitSequential
 
 class Encore(MemitSequential):
     name = "encore"
+    preset = "encore"
+    mpes = True
 
-    def system(self, keys: torch.Tensor, state: LayerState, cfg: EditConfig) -> torch.Tensor:
-        return super().system(keys, state, cfg) + cfg.lambda_n * eye_like(state.c0)
+    def base_matrix(self, state: LayerState, cfg: EditConfig) -> torch.Tensor:
+        return super().base_matrix(state, cfg) + cfg.lambda_n * eye_like(state.c0)

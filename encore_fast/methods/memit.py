@@ -14,18 +14,13 @@ from encore_fast.methods.base import LayerState, UpdateRule
 
 class Memit(UpdateRule):
     name = "memit"
+    preset = "memit"
     sequential = False
 
-    def system(self, keys: torch.Tensor, state: LayerState, cfg: EditConfig) -> torch.Tensor:
-        """The SPD matrix ``A`` of the normal equations."""
-        a = cfg.lambda_p * state.c0 + keys @ keys.T
-        if self.sequential:
-            a = a + state.seq()
-        return a
-
-    def solve(self, keys: torch.Tensor, resid: torch.Tensor, state: LayerState,
-              cfg: EditConfig) -> torch.Tensor:
-        return torch.linalg.solve(self.system(keys, state, cfg), keys)
+    def base_matrix(self, state: LayerState, cfg: EditConfig) -> torch.Tensor:
+        """``λ_p C0`` (+ ``S`` for the sequential variant): SPD."""
+        b = cfg.lambda_p * state.c0
+        return b + state.seq() if self.sequential else b
 
 
 class MemitSequential(Memit):

@@ -25,10 +25,7 @@ import torch
 
 from encore_fast.config import EditConfig
 from encore_fast.kernels import covariance_update_
-from encore_fast.methods.alphaedit import AlphaEdit
-from encore_fast.methods.base import LayerState, UpdateRule, eye_like
-from encore_fast.methods.encore import Encore
-from encore_fast.methods.memit import Memit
+from encore_fast.methods.base import LayerState, UpdateRule
 
 
 class DirectSolver:
@@ -51,14 +48,13 @@ class DirectSolver:
 
 
 class WoodburySolver:
-    """Per-layer solver state for one update rule; same ``V`` as ``rule.solve``."""
+    """Per-layer solver state for any update rule; same ``V`` as ``rule.solve``. It keeps the
+    inverse of ``rule.base_matrix`` (Cholesky for symmetric rules, a general inverse else)."""
 
     def __init__(self, rule: UpdateRule, state: LayerState, cfg: EditConfig,
                  check_every: int = 10, tolerance: float = 1e-8) -> None:
-        if not isinstance(rule, (Memit, AlphaEdit)):
-            raise TypeError(f"no Woodbury solver for method {rule.name!r}")
         self.rule, self.state, self.cfg = rule, state, cfg
-        self.alpha_edit = isinstance(rule, AlphaEdit)
+        self.general = not rule.symmetric
         self.check_every, self.tolerance = check_every, tolerance
         self.batches = 0
         self.refactorisations = 0
@@ -66,21 +62,12 @@ class WoodburySolver:
         self._pending: tuple[torch.Tensor, ...] | None = None
 
     def base_matrix(self) -> torch.Tensor:
-        """The matrix whose inverse is kept (``B``, or ``Q`` for AlphaEdit), built explicitly."""
-        st, cfg = self.state, self.cfg
-        if self.alpha_edit:
-            p = self.rule.projector(st, cfg)  # type: ignore[union-attr]
-            return p @ st.seq() + cfg.alpha * eye_like(p)
-        b = cfg.lambda_p * st.c0
-        if isinstance(self.rule, Encore):
-            b = b + cfg.lambda_n * eye_like(st.c0)
-        if self.rule.sequential:
-            b = b + st.seq()
-        return b
+        """The matrix whose inverse is kept, as the rule states it."""
+        return self.rule.base_matrix(self.state, self.cfg)
 
     def _fresh_inverse(self) -> torch.Tensor:
         b = self.base_matrix()
-        if self.alpha_edit:
+        if self.general:
             return torch.linalg.inv(b)
         return torch.cholesky_inverse(torch.linalg.cholesky(b))
 
@@ -97,16 +84,14 @@ class WoodburySolver:
         self.after_batch()
 
     def _prepare(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``G = B⁻¹K`` (AlphaEdit: ``Q⁻¹PK``) and ``I + KᵀG``, and everything the fold needs
+        """``G = B⁻¹ rhs(K)`` (AlphaEdit: ``Q⁻¹PK``) and ``I + KᵀG``, and everything the fold needs
         that can fail (its factorisation), so that :meth:`after_batch` cannot fail halfway."""
-        rhs = keys
-        if self.alpha_edit:
-            rhs = self.rule.projector(self.state, self.cfg) @ keys  # type: ignore[union-attr]
+        rhs = self.rule.rhs(keys, self.state, self.cfg)
         g = self.inv @ rhs
         small = torch.eye(keys.shape[1], dtype=keys.dtype, device=keys.device) + keys.T @ g
         self._pending = None
         if self.rule.sequential:
-            if self.alpha_edit:
+            if self.general:
                 self._pending = (g, torch.linalg.solve(small, keys.T @ self.inv))
             else:
                 chol = torch.linalg.cholesky(0.5 * (small + small.T))
@@ -124,7 +109,7 @@ class WoodburySolver:
         if self._pending is None:
             raise RuntimeError("after_batch() without a solve()")
         pending, self._pending = self._pending, None
-        if self.alpha_edit:
+        if self.general:
             g, small_inv_kt_inv = pending
             self.inv.addmm_(g, small_inv_kt_inv, alpha=-1.0)
         else:
