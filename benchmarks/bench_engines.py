@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import datetime as dt
 import json
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
+from csv_rows import append_rows
 
 from encore_fast.editor import Editor
 from encore_fast.models import ModelView, load_model
@@ -142,20 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {dev}; model: {model_label}; method {args.method}; {args.n} edits, "
           f"batch {args.batch_size}; torch {torch.__version__}")
     if args.out:
-        out = Path(args.out)
-        new = not out.exists()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["date", "device", "model", "method", "edits", "batch", "torch",
-                            "ref_s_per_edit", "fast_s_per_edit", "ratio", "ref_values",
-                            "fast_values", "ref_update", "fast_update"])
-            r, fa = rows.get("reference", {}), rows.get("fast", {})
-            w.writerow([dt.date.today().isoformat(), dev, model_label, args.method, args.n,
-                        args.batch_size, torch.__version__, r.get("per_edit"),
-                        fa.get("per_edit"), ratio, r.get("values"), fa.get("values"),
-                        r.get("update"), fa.get("update")])
+        r, fa = rows.get("reference", {}), rows.get("fast", {})
+        append_rows(args.out, ["date", "device", "model", "method", "edits", "batch", "torch",
+                               "ref_s_per_edit", "fast_s_per_edit", "ratio", "ref_values",
+                               "fast_values", "ref_update", "fast_update"],
+                    [[dt.date.today().isoformat(), dev, model_label, args.method, args.n,
+                      args.batch_size, torch.__version__, r.get("per_edit"),
+                      fa.get("per_edit"), ratio, r.get("values"), fa.get("values"),
+                      r.get("update"), fa.get("update")]])
     return 0
 
 

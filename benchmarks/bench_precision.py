@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import datetime as dt
 import platform
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from csv_rows import append_rows
 
 from encore_fast.editor import Editor
 from encore_fast.eval.datasets import EvalRecord, load_dataset
@@ -131,16 +131,9 @@ def main(argv: list[str] | None = None) -> int:
           f"statistics {fp32['stats_s'] / bf16['stats_s']:.2f}x faster; "
           f"{torch.get_num_threads()} threads on {cpu}; torch {torch.__version__}")
     if args.out:
-        out = Path(args.out)
-        new = not out.exists()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["date", "cpu", "threads", "edits", "batch", *rows[0]])
-            for row in rows:
-                w.writerow([dt.date.today().isoformat(), cpu, torch.get_num_threads(), args.n,
-                            args.batch_size, *row.values()])
+        append_rows(args.out, ["date", "cpu", "threads", "edits", "batch", *rows[0]],
+                    [[dt.date.today().isoformat(), cpu, torch.get_num_threads(), args.n,
+                      args.batch_size, *row.values()] for row in rows])
     return 0
 
 

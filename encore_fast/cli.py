@@ -13,6 +13,7 @@ import torch
 
 from encore_fast.config import parse_overrides
 from encore_fast.errors import EncoreFastError
+from encore_fast.eval.cli import positive_int
 from encore_fast.requests import EditRequest
 
 DEMO_EDITS = [
@@ -44,26 +45,6 @@ def complete(model: torch.nn.Module, tokenizer: Any, prompt: str, n_tokens: int 
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    return _int_at_least(text, 1)
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    return _int_at_least(text, 0)
-
-
-def _int_at_least(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-    return value
 
 
 def check_settings(model: str | None, method: str, preset: str | None,

@@ -38,6 +38,8 @@ DTYPES = ("fp32", "bf16", "fp16")
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low`` (argparse reports anything else in one line)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
