@@ -454,13 +454,10 @@ class Editor:
         """Fold a batch whose weights are applied into ``S`` and the solvers, record it.
         ``solved``: the solvers hold this batch from :meth:`_update_layers` (else, in a
         replay, they fold the keys themselves: the same operations on the same inputs)."""
-        states = self.layer_states()
-        for layer, k64 in keys64.items():
-            self.rule.after_batch(k64, states[layer])
         for layer, k64 in keys64.items():
             solver = self._solver(layer)
             if solved:
-                solver.after_batch()
+                solver.commit(k64)
             else:
                 solver.fold(k64)
         self._history.append(batch)

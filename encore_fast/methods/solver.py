@@ -40,8 +40,13 @@ class DirectSolver:
     def after_batch(self) -> None:
         """Nothing derived to update: the next solve reads ``S`` directly."""
 
+    def commit(self, keys: torch.Tensor) -> None:
+        """The batch with ``keys`` is applied: fold them into ``S`` (one call per layer)."""
+        self.rule.after_batch(keys, self.state)
+
     def fold(self, keys: torch.Tensor) -> None:
-        """Nothing derived to update (replaying history)."""
+        """Replaying history: the same as :meth:`commit`."""
+        self.commit(keys)
 
     def discard(self) -> None:
         """Nothing kept between solve and after_batch."""
@@ -77,11 +82,17 @@ class WoodburySolver:
         g, small = self._prepare(keys)
         return torch.linalg.solve(small.T, g.T).T  # G small⁻¹
 
-    def fold(self, keys: torch.Tensor) -> None:
-        """Fold a batch in without solving for it (replaying history): the same operations
-        on the same inputs as :meth:`solve` + :meth:`after_batch`."""
-        self._prepare(keys)
+    def commit(self, keys: torch.Tensor) -> None:
+        """The solved batch with ``keys`` is applied: fold them into ``S``, then into the kept
+        inverse (one call per layer; the drift check reads the new ``S``)."""
+        self.rule.after_batch(keys, self.state)
         self.after_batch()
+
+    def fold(self, keys: torch.Tensor) -> None:
+        """Replaying history: :meth:`commit` a batch without solving for it (the same
+        operations on the same inputs as :meth:`solve` + :meth:`commit`)."""
+        self._prepare(keys)
+        self.commit(keys)
 
     def _prepare(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``G = B⁻¹ rhs(K)`` (AlphaEdit: ``Q⁻¹PK``) and ``I + KᵀG``, and everything the fold needs
