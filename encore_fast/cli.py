@@ -48,22 +48,90 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def check_settings(model: str | None, method: str, preset: str | None,
-                   overrides: dict[str, Any]) -> None:
+                   overrides: dict[str, Any]) -> EditConfig:
     """Refuse unknown or bad settings before a model is loaded (ConfigError); the layers are
-    checked against the model's depth once it is loaded."""
+    checked against the model's depth once it is loaded. Returns the settings (as far as they
+    are known without the model)."""
     from encore_fast.config import guess_preset, make_config
 
     if preset == "auto":
         preset = guess_preset("smollm2-135m" if model is None else str(model))
-    make_config(method, preset, None, **overrides)
+    return make_config(method, preset, None, **overrides)
+
+
+def _looks_like_path(text: str) -> bool:
+    """A local path rather than a hub name (``owner/name``) or a dataset name."""
+    return (text.startswith(("/", "./", "../", "~")) or text in (".", "..") or "\\" in text
+            or text.count("/") >= 2)
+
+
+def check_model(model: str | None) -> None:
+    """Refuse a ``--model`` path that does not exist or holds no saved model, before loading.
+    Hub names are left to the loader (its errors are OSErrors, reported in one line)."""
+    from encore_fast.models.loading import BUNDLED_NAMES
+
+    if model is None or model.lower() in BUNDLED_NAMES:
+        return
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"--model {model}: the folder holds no saved model "
+                              "(no config.json)")
+    elif path.exists():
+        raise ConfigError(f"--model {model}: a file, not a model folder or hub name")
+    elif _looks_like_path(model):
+        raise ConfigError(f"--model {model}: no such folder")
+
+
+def check_corpus(corpus: str | None, n_samples: int) -> None:
+    """Refuse a ``--corpus`` that is missing or unreadable before a model is loaded: a file is
+    read now (the texts the statistics will use), a dataset name needs ``datasets``."""
+    import importlib.util
+
+    from encore_fast.stats import load_corpus
+
+    if corpus is None:
+        return
+    path = Path(corpus)
+    if path.is_dir():
+        raise ConfigError(f"--corpus {corpus}: a folder, not a text file")
+    if path.exists():
+        try:
+            load_corpus(corpus, n_samples)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            # (a malformed .json/.jsonl corpus, records without text, a non-UTF-8 file)
+            raise ConfigError(f"--corpus {corpus}: cannot read texts from it "
+                              f"({type(exc).__name__}: {exc})") from None
+    elif _looks_like_path(corpus) or path.suffix in (".txt", ".json", ".jsonl"):
+        raise ConfigError(f"--corpus {corpus}: no such file")
+    elif importlib.util.find_spec("datasets") is None:
+        raise ConfigError(f"--corpus {corpus}: no such file, and reading a Hugging Face data "
+                          "set by name needs the 'datasets' package, which is not installed")
 
 
 def check_out_file(path: str | Path, overwrite: bool) -> None:
-    """Refuse to replace an existing output file unless asked to."""
-    if Path(path).exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-    if Path(path).is_dir():
-        raise IsADirectoryError(f"{path} is a folder, not a file")
+    """Refuse to replace an existing output file unless asked to, or to write where no file
+    can be made."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--out {path}: a folder, not a file")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"--out {path} exists; pass --overwrite to replace it")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {path}: {parent} is not a folder")
+
+
+USER_ERRORS = (EncoreFastError, DatasetError, RunConfigError, OSError)
+"""What a user's mistake raises (bad input, setting, file, or run folder); anything else is a
+bug and keeps its traceback."""
+
+
+def error_line(command: str, exc: BaseException) -> str:
+    """``encore-fast <command>: error: <message>``, on one line."""
+    return f"encore-fast {command}: error: {_one_line(exc)}"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
