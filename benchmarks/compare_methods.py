@@ -16,10 +16,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from encore_fast.config import parse_overrides
 from encore_fast.eval.cli import (
     add_common_arguments,
     editor_factory,
-    parse_overrides,
     records_from_args,
     run_info,
     settings_from_args,

@@ -11,9 +11,11 @@ from typing import Any
 
 import torch
 
-from encore_fast.config import parse_overrides
-from encore_fast.errors import EncoreFastError
+from encore_fast.config import EditConfig, parse_overrides
+from encore_fast.errors import ConfigError, EncoreFastError
 from encore_fast.eval.cli import positive_int
+from encore_fast.eval.datasets import DatasetError
+from encore_fast.eval.run import RunConfigError
 from encore_fast.requests import EditRequest
 
 DEMO_EDITS = [
@@ -138,9 +140,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Edit a handful of facts in the bundled model and show predictions before and after."""
     from encore_fast.editor import Editor
 
-    print(f"Loading {args.model or 'the bundled SmolLM2-135M-Instruct'} ...", flush=True)
     overrides = parse_overrides(args.overrides)
     check_settings(args.model, args.method, "auto", overrides)
+    check_model(args.model)
+    print(f"Loading {args.model or 'the bundled SmolLM2-135M-Instruct'} ...", flush=True)
     editor = Editor.from_pretrained(args.model, args.method, engine=args.engine,
                                     dtype=DTYPES[args.dtype], **overrides)
     model, tok = editor.model, editor.tokenizer
@@ -170,19 +173,21 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from encore_fast.editor import Editor
     from encore_fast.requests import read_requests_file, validate_requests
 
+    # Everything that can be checked without the model is checked first: nothing is loaded
+    # or written for a mistake in the requests, the settings, the paths.
     requests = read_requests_file(args.requests)
-    validate_requests(requests, None, batch_size=args.batch_size)  # all but lengths, no model
     overrides = parse_overrides(args.overrides)
     preset = args.preset or "auto"
-    check_settings(args.model, args.method, preset, overrides)
+    cfg = check_settings(args.model, args.method, preset, overrides)
+    batch_size = args.batch_size or cfg.batch_size
+    validate_requests(requests, None, batch_size=batch_size)  # all but lengths (no tokenizer)
     check_out_file(args.out, args.overwrite)
-    if args.corpus is not None and not Path(args.corpus).exists() and Path(
-            args.corpus).suffix in (".txt", ".json", ".jsonl"):
-        raise FileNotFoundError(f"--corpus {args.corpus}: no such file")
+    check_corpus(args.corpus, cfg.stats_samples)
+    check_model(args.model)
     editor = Editor.from_pretrained(args.model, args.method, preset=preset,
                                     engine=args.engine, corpus=args.corpus,
                                     dtype=DTYPES[args.dtype], **overrides)
-    reports = editor.edit(requests, batch_size=args.batch_size)
+    reports = editor.edit(requests, batch_size=args.batch_size)  # (None: the preset's)
     check_out_file(args.out, args.overwrite)  # (still free after the edits)
     path = editor.save_edits(args.out)
     total = sum(r.seconds for r in reports)
@@ -238,14 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a subcommand; a user mistake ends in one line on stderr and exit status 2."""
-    from encore_fast.eval.datasets import DatasetError
-    from encore_fast.eval.run import RunConfigError
-
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (EncoreFastError, DatasetError, RunConfigError, OSError) as exc:
-        print(f"encore-fast {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        print(error_line(args.command, exc), file=sys.stderr)
         return 2
 
 

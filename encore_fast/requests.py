@@ -237,34 +237,39 @@ def validate_requests(
 
 def read_requests_file(path: str | os.PathLike) -> list[EditRequest]:
     """Requests from a JSON list (or one JSON object) or a JSON-lines file (``.jsonl``, or any
-    file that is not one JSON document). Errors name the file and the line (JSONL, blank lines
-    counted) or the index (JSON list) of the bad record."""
+    file that is not one JSON document). Errors (:class:`RequestError`) name the file and the
+    line (JSONL: 1-based, blank lines counted) or the index (JSON list) of the bad record; an
+    empty file is an error too."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # (a byte-order mark is dropped)
     except OSError as exc:
         raise RequestError(f"cannot read requests from {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise RequestError(f"{path} is not a UTF-8 text file") from None
-    records: list[tuple[str, Any]] = []
-    if path.suffix != ".jsonl":
+    lines = text.split("\n")  # (not splitlines: JSON strings may hold U+2028 and the like)
+    records: list[tuple[str, Any]] | None = None
+    if path.suffix != ".jsonl" and text.strip():
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            if path.suffix == ".json" or "\n" not in text.strip():
+            first = next((line for line in lines if line.strip()), "")
+            if text.lstrip().startswith("[") or not _is_json(first):
                 raise RequestError(f"{path}: not valid JSON ({exc})") from None
-            data = None  # several documents: read it as JSON lines
-        if data is not None:
+            # its first line is a JSON document of its own: read the file as JSON lines
+        else:
             items = data if isinstance(data, list) else [data]
             records = [(f"record #{i}", r) for i, r in enumerate(items)]
-    if not records and (path.suffix == ".jsonl" or data is None):
-        for n, line in enumerate(text.splitlines(), start=1):
+    if records is None:
+        records = []
+        for n, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 records.append((f"line {n}", json.loads(line)))
             except json.JSONDecodeError as exc:
-                raise RequestError(f"{path} line {n}: not valid JSON ({exc.msg})") from None
+                raise RequestError(f"{path} line {n}: not valid JSON ({exc.msg}, column "
+                                   f"{exc.colno})") from None
     if not records:
         raise RequestError(f"{path} holds no requests")
     out = []
@@ -272,8 +277,19 @@ def read_requests_file(path: str | os.PathLike) -> list[EditRequest]:
         if not isinstance(record, Mapping):
             raise RequestError(f"{path} {where}: expected an object with prompt, subject and "
                                f"target_new, got {type(record).__name__}")
+        if not isinstance(record.get("requested_rewrite", {}), Mapping):
+            raise RequestError(f"{path} {where}: requested_rewrite must be an object, got "
+                               f"{type(record['requested_rewrite']).__name__}")
         try:
             out.append(EditRequest.from_dict(record))
         except RequestError as exc:
             raise RequestError(f"{path} {where}: {exc}") from None
     return out
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True

@@ -88,6 +88,53 @@ def test_existing_output_is_not_overwritten(reqs, tmp_path, capsys):
     out.write_bytes(b"precious")
     _fails(capsys, ["edit", str(reqs), "--out", str(out)], "exists", "--overwrite")
     assert out.read_bytes() == b"precious"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    _fails(capsys, ["edit", str(reqs), "--out", str(folder), "--overwrite"], "a folder")
+    assert not any(folder.iterdir())
+    _fails(capsys, ["edit", str(reqs), "--out", str(reqs / "edits.safetensors")],
+           "not a folder")
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda tmp: str(tmp / "no" / "such" / "model"), ["--model", "no such folder"]),
+    (lambda tmp: "./no/such/model", ["--model", "no such folder"]),
+    (lambda tmp: (tmp / "empty").mkdir() or str(tmp / "empty"), ["no config.json"]),
+    (lambda tmp: (tmp / "f.bin").write_bytes(b"x") and str(tmp / "f.bin"),
+     ["a file, not a model folder"]),
+])
+def test_bad_model_paths_before_loading(reqs, tmp_path, capsys, make, words):
+    out = tmp_path / "edits.safetensors"
+    _fails(capsys, ["edit", str(reqs), "--out", str(out), "--model", make(tmp_path)], *words)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda tmp: str(tmp / "missing.txt"), ["--corpus", "missing.txt", "no such file"]),
+    (lambda tmp: "./no/such/corpus", ["no such file"]),
+    (lambda tmp: (tmp / "c.jsonl").write_text('{"text": 1}\n') and str(tmp / "c.jsonl"),
+     ["--corpus", "cannot read texts"]),
+    (lambda tmp: (tmp / "c.json").write_text('[{"txt": "a"}]') and str(tmp / "c.json"),
+     ["--corpus", "cannot read texts", "KeyError"]),
+    (lambda tmp: (tmp / "c.txt").write_text("\n\n") and str(tmp / "c.txt"),
+     ["--corpus", "no usable text"]),
+])
+def test_bad_corpus_before_loading(reqs, tmp_path, capsys, make, words):
+    out = tmp_path / "edits.safetensors"
+    _fails(capsys, ["edit", str(reqs), "--out", str(out), "--model", str(tmp_path / "nomodel"),
+                    "--corpus", make(tmp_path)], *words)
+    assert not out.exists()
+
+
+def test_batches_of_the_preset_are_checked_before_loading(tmp_path, capsys):
+    path = tmp_path / "twice.json"
+    path.write_text(json.dumps([GOOD, GOOD]))
+    base = ["edit", str(path), "--out", str(tmp_path / "e.safetensors"),
+            "--model", str(tmp_path / "nomodel")]
+    _fails(capsys, base, "request #1", "repeats request #0")
+    # in batches of one the repeat is allowed: the next mistake found is the missing model
+    _fails(capsys, [*base, "--batch-size", "1"], "no such folder")
+    _fails(capsys, [*base, "--set", "batch_size=1"], "no such folder")
 
 
 def test_eval_mistakes_write_no_run_folder(tmp_path, capsys, data_dir):
@@ -98,13 +145,58 @@ def test_eval_mistakes_write_no_run_folder(tmp_path, capsys, data_dir):
     _fails(capsys, [*base, "--dataset", str(tmp_path / "missing.json")])
     _fails(capsys, [*base, "--corpus", str(tmp_path / "missing.txt")], "missing.txt")
     assert not out.exists()
-    with pytest.raises(SystemExit) as info:  # argparse: usage line + exit 2, no traceback
-        main([*base, "--batch-size", "0"])
-    assert info.value.code == 2
-    assert "must be >= 1" in capsys.readouterr().err
+    _fails(capsys, [*base, "--wikitext", str(tmp_path / "missing.txt")], "--wikitext",
+           "no such file")
+    _fails(capsys, [*base, "--known-facts", str(tmp_path / "missing.json")], "--known-facts",
+           "no such file")
+    bad = tmp_path / "known.json"
+    bad.write_text("[1, 2")
+    _fails(capsys, [*base, "--known-facts", str(bad)], "known facts", "known.json")
+    bad.write_text(json.dumps([{"prompt": "x"}]))
+    _fails(capsys, [*base, "--known-facts", str(bad)], "lack a non-empty")
+    _fails(capsys, [*base, "--ppl-tokens", "100", "--ppl-window", "200"], "--ppl-tokens")
+    _fails(capsys, [*base, "--dataset", str(bad)], "known.json")  # not an edit data set
+    stream = tmp_path / "stream.json"
+    stream.write_text(json.dumps([{**GOOD, "case_id": 0, "prompt": "Paris is"}]))
+    _fails(capsys, [*base, "--dataset", str(stream), "--layout", "easyedit"])
+    _fails(capsys, [*base, "--preset", "gpt9"], "unknown preset")
+    _fails(capsys, [*base, "--corpus", "./no/such/corpus"], "--corpus")
+    _fails(capsys, [*base[:3], str(tmp_path / "no" / "such" / "model"), *base[4:]],
+           "no such folder")
+    assert not out.exists()
+    (tmp_path / "file").write_text("x")
+    _fails(capsys, [*base[:2], str(tmp_path / "file"), *base[3:]], "not a run folder")
+    for option in ("--batch-size", "--num-edits", "--ppl-tokens", "--ppl-window",
+                   "--score-batch-size"):
+        with pytest.raises(SystemExit) as info:  # argparse: usage line + exit 2, no traceback
+            main([*base, option, "0"])
+        assert info.value.code == 2
+        assert "must be >= 1" in capsys.readouterr().err
+    for option in ("--eval-every", "--eval-sample", "--known-n", "--gen-tokens"):
+        with pytest.raises(SystemExit) as info:
+            main([*base, option, "-1"])
+        assert info.value.code == 2
+        assert "must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--num-edits", "ten"])
+    assert "expected an integer" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_eval_text_too_short_for_a_window_writes_no_run_folder(tiny_dir, tmp_path, capsys,
+                                                               data_dir):
+    out = tmp_path / "run"
+    short = tmp_path / "short.txt"
+    short.write_text("A few words only.\n")
+    _fails(capsys, ["eval", "--out", str(out), "--model", str(tiny_dir), "--set", "layers=[2,3]",
+                    "--dataset", str(data_dir / "counterfact" / "counterfact-train.json"),
+                    "--wikitext", str(short), "--known-facts", "none", "--quiet"],
+           "--wikitext", "fewer than one window")
+    assert not out.exists()
 
 
 def test_every_option_has_help_and_methods_come_from_the_registry():
+    from encore_fast.editor import ENGINES
     from encore_fast.methods import RULES
 
     parser = build_parser()
@@ -116,7 +208,12 @@ def test_every_option_has_help_and_methods_come_from_the_registry():
             assert action.help, (name, action.dest)
         method = next(a for a in sub._actions if a.dest == "method")
         assert sorted(method.choices) == sorted(RULES), name
+        engine = next(a for a in sub._actions if a.dest == "engine")
+        assert sorted(engine.choices) == sorted(ENGINES), name
+    assert "memit-seq" in RULES
     args = parser.parse_args(["eval", "--method", "memit-seq"])
+    assert args.method == "memit-seq"
+    args = parser.parse_args(["edit", "r.json", "--method", "memit-seq"])
     assert args.method == "memit-seq"
 
 
@@ -128,7 +225,45 @@ def test_read_requests_file_and_parse_overrides(tmp_path):
     path.write_text(json.dumps(GOOD) + "\n\n\n" + "[1, 2\n")
     with pytest.raises(RequestError, match="line 4"):
         read_requests_file(path)
+    # line numbers count the file's newlines only (a JSON string may hold U+2028)
+    path.write_text(json.dumps({**GOOD, "prompt": "The capital\u2028of {} is"},
+                               ensure_ascii=False) + "\n\n{bad\n")
+    with pytest.raises(RequestError, match=r"r\.jsonl line 3: not valid JSON"):
+        read_requests_file(path)
+    path.write_text("\n" + json.dumps(GOOD) + "\n" + json.dumps(["not", "an object"]) + "\n")
+    with pytest.raises(RequestError, match="line 3: expected an object"):
+        read_requests_file(path)
+    path.write_text(json.dumps({"requested_rewrite": "text"}) + "\n")
+    with pytest.raises(RequestError, match="line 1: requested_rewrite must be an object"):
+        read_requests_file(path)
+    # a .json (or any) file of JSON lines is read as JSON lines; one JSON object is one request
+    other = tmp_path / "r.json"
+    other.write_text(json.dumps(GOOD) + "\n\n" + json.dumps({**GOOD, "case_id": 7}) + "\n")
+    assert [r.case_id for r in read_requests_file(other)] == [None, 7]
+    other.write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "subject": 5}) + "\n")
+    with pytest.raises(RequestError, match="line 2.*must be a string"):
+        read_requests_file(other)
+    other.write_text(json.dumps({**GOOD, "case_id": 1}, indent=2))
+    assert [r.case_id for r in read_requests_file(other)] == [1]
+    other.write_text("\ufeff" + json.dumps([GOOD, {**GOOD, "target_new": None}]))
+    with pytest.raises(RequestError, match=r"r\.json record #1: .*missing field"):
+        read_requests_file(other)
+    # a damaged JSON list is reported as one document (with the position), not as lines
+    other.write_text("[\n" + json.dumps(GOOD) + ",\n{oops}\n]")
+    with pytest.raises(RequestError, match=r"r\.json: not valid JSON .*line 3"):
+        read_requests_file(other)
+    with pytest.raises(RequestError, match="cannot read requests"):
+        read_requests_file(tmp_path / "missing.json")
+    with pytest.raises(RequestError, match="cannot read requests"):
+        read_requests_file(tmp_path)
     assert parse_overrides(["layers=[4,5]", "lambda_p=150", "name=text"]) == {
         "layers": [4, 5], "lambda_p": 150, "name": "text"}
-    with pytest.raises(ConfigError, match="KEY=VALUE"):
-        parse_overrides(["=3"])
+    assert parse_overrides([" batch_size = 4", "flag=true", "x=", "w=a=b", "n=null"]) == {
+        "batch_size": 4, "flag": True, "x": "", "w": "a=b", "n": None}
+    assert parse_overrides([]) == {}
+    for bad in (["=3"], ["noequals"], ["  =1"]):
+        with pytest.raises(ConfigError, match="KEY=VALUE"):
+            parse_overrides(bad)
+    import encore_fast.eval.cli as eval_cli
+
+    assert eval_cli.parse_overrides is parse_overrides  # one parser, importable from both

@@ -19,8 +19,7 @@ from typing import Any
 
 import torch
 
-from encore_fast.config import parse_overrides
-from encore_fast.errors import EncoreFastError
+from encore_fast.config import parse_overrides  # (also re-exported: the one --set parser)
 from encore_fast.eval.datasets import (
     LAYOUTS,
     DatasetError,
@@ -57,12 +56,14 @@ positive_int, non_negative_int = _int_at_least(1), _int_at_least(0)
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, data, stream and evaluation options (everything but the method and folder)."""
+    from encore_fast.editor import ENGINES  # (the editor never imports eval)
+
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None, help="HF name or path (default: bundled SmolLM2)")
     g.add_argument("--preset", default="auto",
                    help="settings preset (auto: from the model name; see encore_fast.config)")
-    g.add_argument("--engine", default="fast", choices=("fast", "reference"),
-                   help="editing engine (fast or reference)")
+    g.add_argument("--engine", default="fast", choices=ENGINES,
+                   help="editing engine: fast (default) or reference (the published algorithm)")
     g.add_argument("--dtype", default="fp32", choices=DTYPES,
                    help="model dtype; bf16/fp16 edit with fp32 master weights (default: fp32)")
     g.add_argument("--corpus", default=None, help="text corpus for the key statistics C0")
@@ -174,14 +175,18 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
 
 
 def editor_factory(
-    args: argparse.Namespace, method: str, overrides: dict[str, Any]
+    args: argparse.Namespace, method: str, overrides: dict[str, Any],
+    settings: EvalSettings | None = None,
 ) -> Callable[[], Any]:
-    """A zero-argument function that builds a fresh, unedited editor (needed for resume)."""
+    """A zero-argument function that builds a fresh, unedited editor (needed for resume).
+    With ``settings``, the perplexity text is also checked against the editor's tokenizer
+    (enough tokens for one window) as soon as the editor is built, before a run folder is
+    made."""
 
     def build() -> Any:
         from encore_fast.editor import Editor  # the editor never imports eval, nor at load
 
-        return Editor.from_pretrained(
+        editor = Editor.from_pretrained(
             args.model,
             method=method,
             preset=args.preset,
@@ -191,8 +196,45 @@ def editor_factory(
                    "fp16": torch.float16}[getattr(args, "dtype", "fp32")],
             **overrides,
         )
+        if settings is not None and settings.wikitext:
+            check_perplexity_text(settings, editor.tokenizer)
+        return editor
 
     return build
+
+
+def check_eval_data(settings: EvalSettings) -> None:
+    """Refuse, before a model is loaded, evaluation data that cannot be used: a perplexity text
+    that is missing or not UTF-8, fewer ``--ppl-tokens`` than one ``--ppl-window``, known facts
+    that are missing or malformed (:class:`DatasetError`, or OSError for a missing file)."""
+    from encore_fast.eval.degradation import load_known_facts
+
+    if settings.wikitext:
+        if settings.ppl_tokens < settings.ppl_window:
+            raise DatasetError(f"--ppl-tokens {settings.ppl_tokens} is less than one "
+                               f"--ppl-window of {settings.ppl_window}")
+        path = Path(settings.wikitext)
+        if not path.is_file():
+            raise DatasetError(f"--wikitext {path}: no such file")
+        try:
+            path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise DatasetError(f"--wikitext {path}: not a UTF-8 text file ({exc})") from None
+    if settings.known_facts:
+        if not Path(settings.known_facts).is_file():
+            raise DatasetError(f"--known-facts {settings.known_facts}: no such file")
+        load_known_facts(settings.known_facts, settings.known_n)
+
+
+def check_perplexity_text(settings: EvalSettings, tokenizer: Any) -> None:
+    """The perplexity text gives at least one window of ``ppl_window`` tokens."""
+    from encore_fast.eval.degradation import perplexity_windows
+
+    text = Path(settings.wikitext or "").read_text(encoding="utf-8")
+    try:
+        perplexity_windows(tokenizer, text, settings.ppl_tokens, settings.ppl_window)
+    except ValueError as exc:  # (too short a text: the one ValueError it raises)
+        raise DatasetError(f"--wikitext {settings.wikitext}: {exc}") from None
 
 
 def run_info(args: argparse.Namespace, method: str, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -212,22 +254,31 @@ def run_info(args: argparse.Namespace, method: str, overrides: dict[str, Any]) -
 def run_eval(args: argparse.Namespace) -> int:
     """Run ``encore-fast eval``; prints a summary table. Returns the exit status (2, with one
     line on stderr, for a user mistake; nothing is written then)."""
-    from encore_fast.config import guess_preset, make_config
+    from encore_fast.cli import (  # (encore_fast.cli imports this module)
+        USER_ERRORS,
+        check_corpus,
+        check_model,
+        check_settings,
+        error_line,
+    )
+    from encore_fast.requests import validate_requests
 
     try:
+        # Everything that can be checked without the model first: nothing is loaded, and no
+        # run folder made, for a mistake in the settings, the paths or the data.
         overrides = parse_overrides(args.overrides)
-        preset = args.preset
-        if preset == "auto":
-            preset = guess_preset("smollm2-135m" if args.model is None else str(args.model))
-        make_config(args.method, preset, None, **overrides)
-        if args.corpus is not None and not Path(args.corpus).exists() and Path(
-                args.corpus).suffix in (".txt", ".json", ".jsonl"):
-            raise FileNotFoundError(f"--corpus {args.corpus}: no such file")
-        records = records_from_args(args)
-        settings = settings_from_args(args)
+        cfg = check_settings(args.model, args.method, args.preset, overrides)
+        check_corpus(args.corpus, cfg.stats_samples)
         out = Path(args.out or Path("runs") / args.method)
+        if out.exists() and not out.is_dir():
+            raise RunConfigError(f"--out {out}: a file, not a run folder")
+        records = records_from_args(args)
+        validate_requests([rec.request for rec in records], None, batch_size=args.batch_size)
+        settings = settings_from_args(args)
+        check_eval_data(settings)
+        check_model(args.model)
         run_sequential(
-            editor_factory(args, args.method, overrides),
+            editor_factory(args, args.method, overrides, settings),
             records,
             out,
             num_edits=min(args.num_edits, len(records)),
@@ -239,8 +290,8 @@ def run_eval(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             make_plots=not args.no_plots,
         )
-    except (EncoreFastError, DatasetError, RunConfigError, OSError) as exc:
-        print(f"encore-fast eval: error: {' '.join(str(exc).split())}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        print(error_line("eval", exc), file=sys.stderr)
         return 2
     print(markdown_table([summarize_run(load_run(out))]), end="")
     print(f"results: {out / 'results.jsonl'}")

@@ -115,6 +115,34 @@ class ModelView:
             raise ValueError(f"layer {layer} out of range: the model has {len(self.blocks)} blocks")
 
     @property
+    def backbone(self) -> nn.Module:
+        """The model without its LM head (``model.base_model``: embeddings, blocks, norm)."""
+        return self.model.base_model
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """Final-logit soft-capping (Gemma 2), or None."""
+        return getattr(self.model.config, "final_logit_softcapping", None) or None
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The attention's sliding window in tokens, or None."""
+        window = getattr(self.model.config, "sliding_window", None)
+        return window if isinstance(window, int) else None
+
+    @contextlib.contextmanager
+    def attention_implementation(self, name: str) -> Iterator[None]:
+        """Route the model's attention through the registered implementation ``name``
+        (restored on exit, also on errors)."""
+        config = self.model.config
+        before = config._attn_implementation
+        config._attn_implementation = name
+        try:
+            yield
+        finally:
+            config._attn_implementation = before
+
+    @property
     def dtype(self) -> torch.dtype:
         """The dtype the model computes in (that of its first parameter)."""
         return next(self.model.parameters()).dtype

@@ -109,17 +109,16 @@ AttentionInterface.register(ATTENTION, packed_attention)
 
 
 @contextlib.contextmanager
-def _packed_attention(model: nn.Module, fixed: _Fixed) -> Iterator[None]:
+def _packed_attention(view: ModelView, fixed: _Fixed) -> Iterator[None]:
     """Route the model's attention through :func:`packed_attention`, reading ``fixed``
     (restored on exit)."""
     global _FIXED
-    config = model.config
-    before, before_fixed = config._attn_implementation, _FIXED
-    config._attn_implementation, _FIXED = ATTENTION, fixed
+    before_fixed, _FIXED = _FIXED, fixed
     try:
-        yield
+        with view.attention_implementation(ATTENTION):
+            yield
     finally:
-        config._attn_implementation, _FIXED = before, before_fixed
+        _FIXED = before_fixed
 
 
 class _Captured(Exception):
@@ -223,9 +222,9 @@ class _Prompts:
     def __init__(self, prompts: Sequence[ValuePrompts], view: ModelView, layer: int,
                  pad_id: int, fixed: _Fixed) -> None:
         self.view, self.layer, self.pad_id = view, layer, pad_id
-        self.base = view.model.base_model
+        self.base = view.backbone
         self.device = view.device
-        self.dtype = next(view.model.parameters()).dtype
+        self.dtype = view.dtype
         self.segs: list[_Segment] = []
         self.rewrite_seg: list[list[int]] = []  # per request: its rewrite segments
         self.kl_seg: list[int] = []  # per request: its (first) KL segment
@@ -450,7 +449,7 @@ def optimize_values(
         chunks[-1].append(p)
         size += tokens
     fixed = _Fixed()
-    with _packed_attention(view.model, fixed):
+    with _packed_attention(view, fixed):
         return [r for chunk in chunks
                 for r in _optimize(view, tokenizer, chunk, layer, cfg, fixed, progress)]
 
@@ -464,11 +463,10 @@ def _optimize(
     fixed: _Fixed,
     progress: Any = None,
 ) -> list[ValueResult]:
-    model = view.model
     device = view.device
-    head = model.get_output_embeddings()
+    head = view.lm_head
     ps = _Prompts(prompts, view, layer, pad_id_of(tokenizer), fixed)
-    window = getattr(model.config, "sliding_window", None)
+    window = view.sliding_window
     longest = max(len(s.pre) + len(s.suf) for s in ps.segs)
     if isinstance(window, int) and longest > window:
         raise ValueError(
@@ -492,7 +490,7 @@ def _optimize(
     zero_grads = torch.zeros(n, dtype=torch.long, device=device)
     kl_init = torch.zeros(n, head.weight.shape[0], device=device)
     active = torch.arange(n, device=device)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    softcap = view.logit_softcap
 
     rr, rc, slot, kl_pos = tg_all.positions(active)
     with stand_ins(view, layer, ps.as_tuple) as replaced:
