@@ -157,11 +157,13 @@ def test_eval_mistakes_write_no_run_folder(tmp_path, capsys, data_dir):
     _fails(capsys, [*base, "--ppl-tokens", "100", "--ppl-window", "200"], "--ppl-tokens")
     _fails(capsys, [*base, "--dataset", str(bad)], "known.json")  # not an edit data set
     stream = tmp_path / "stream.json"
-    stream.write_text(json.dumps([{**GOOD, "case_id": 0, "prompt": "Paris is"}]))
-    _fails(capsys, [*base, "--dataset", str(stream), "--layout", "easyedit"])
+    stream.write_text(json.dumps([{**GOOD, "case_id": 0, "prompt": "Paris is",
+                                   "ground_truth": "Paris"}]))
+    _fails(capsys, [*base, "--dataset", str(stream), "--layout", "counterfact-easyedit"],
+           "case 0", "not in the prompt")  # the stream's requests, checked before loading
     _fails(capsys, [*base, "--preset", "gpt9"], "unknown preset")
     _fails(capsys, [*base, "--corpus", "./no/such/corpus"], "--corpus")
-    _fails(capsys, [*base[:3], str(tmp_path / "no" / "such" / "model"), *base[4:]],
+    _fails(capsys, [*base[:4], str(tmp_path / "no" / "such" / "model"), *base[5:]],
            "no such folder")
     assert not out.exists()
     (tmp_path / "file").write_text("x")
@@ -181,6 +183,27 @@ def test_eval_mistakes_write_no_run_folder(tmp_path, capsys, data_dir):
         main([*base, "--num-edits", "ten"])
     assert "expected an integer" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_eval_refuses_a_folder_holding_a_run_unless_resumed(tiny_dir, tmp_path, capsys,
+                                                             data_dir):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    _fails(capsys, ["eval", "--out", str(out), "--model", str(tiny_dir), "--set", "layers=[2,3]",
+                    "--dataset", str(data_dir / "counterfact" / "counterfact-train.json")],
+           "already holds a run", "--resume")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert (out / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--set", "lambda_q=1"], ["encore-fast demo: error:", "unknown setting"]),
+    (["--set", "layers=[3,2]"], ["ascending"]),
+    (["--model", "./no/such/model"], ["no such folder"]),
+])
+def test_demo_mistakes(capsys, extra, words):
+    _fails(capsys, ["demo", *extra], *words)
 
 
 def test_eval_text_too_short_for_a_window_writes_no_run_folder(tiny_dir, tmp_path, capsys,

@@ -175,18 +175,14 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
 
 
 def editor_factory(
-    args: argparse.Namespace, method: str, overrides: dict[str, Any],
-    settings: EvalSettings | None = None,
+    args: argparse.Namespace, method: str, overrides: dict[str, Any]
 ) -> Callable[[], Any]:
-    """A zero-argument function that builds a fresh, unedited editor (needed for resume).
-    With ``settings``, the perplexity text is also checked against the editor's tokenizer
-    (enough tokens for one window) as soon as the editor is built, before a run folder is
-    made."""
+    """A zero-argument function that builds a fresh, unedited editor (needed for resume)."""
 
     def build() -> Any:
         from encore_fast.editor import Editor  # the editor never imports eval, nor at load
 
-        editor = Editor.from_pretrained(
+        return Editor.from_pretrained(
             args.model,
             method=method,
             preset=args.preset,
@@ -196,17 +192,27 @@ def editor_factory(
                    "fp16": torch.float16}[getattr(args, "dtype", "fp32")],
             **overrides,
         )
-        if settings is not None and settings.wikitext:
+
+    return build
+
+
+def _checked_factory(build: Callable[[], Any], settings: EvalSettings) -> Callable[[], Any]:
+    """``build``, then the perplexity text checked against the editor's tokenizer (one window
+    at least), before a run folder is made."""
+
+    def checked() -> Any:
+        editor = build()
+        if settings.wikitext:
             check_perplexity_text(settings, editor.tokenizer)
         return editor
 
-    return build
+    return checked
 
 
 def check_eval_data(settings: EvalSettings) -> None:
     """Refuse, before a model is loaded, evaluation data that cannot be used: a perplexity text
     that is missing or not UTF-8, fewer ``--ppl-tokens`` than one ``--ppl-window``, known facts
-    that are missing or malformed (:class:`DatasetError`, or OSError for a missing file)."""
+    that are missing or malformed (:class:`DatasetError`)."""
     from encore_fast.eval.degradation import load_known_facts
 
     if settings.wikitext:
@@ -278,7 +284,7 @@ def run_eval(args: argparse.Namespace) -> int:
         check_eval_data(settings)
         check_model(args.model)
         run_sequential(
-            editor_factory(args, args.method, overrides, settings),
+            _checked_factory(editor_factory(args, args.method, overrides), settings),
             records,
             out,
             num_edits=min(args.num_edits, len(records)),
