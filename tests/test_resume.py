@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-from encore_fast.cli import main
 from encore_fast.eval.run import read_results
 
 
@@ -42,11 +41,14 @@ def _batch_lines(path) -> int:
 def test_killed_and_resumed_eval_equals_uninterrupted(tiny_dir, data_dir, tmp_path,
                                                       monkeypatch):
     monkeypatch.setenv("ENCORE_FAST_CACHE", str(tmp_path / "cache"))
+    # Both runs in subprocesses with one thread: bit-equality needs the same reduction order,
+    # and an in-process run would use the test process's thread count (2 in CI).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     whole = tmp_path / "whole"
-    assert main(_run_args(tiny_dir, data_dir, whole)) == 0
+    subprocess.run([sys.executable, "-m", "encore_fast.cli", *_run_args(tiny_dir, data_dir, whole)],
+                   env=env, check=True, capture_output=True, timeout=300)
 
     out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "encore_fast.cli", *_run_args(tiny_dir, data_dir, out)]
     results = out / "results.jsonl"
     for kill_after in (2, 5):  # batch lines written when the process is killed
