@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 
 from encore_fast.config import EditConfig, parse_overrides
+from encore_fast.distributed import init_from_env
 from encore_fast.errors import ConfigError, EncoreFastError
 from encore_fast.eval.cli import positive_int
 from encore_fast.eval.datasets import DatasetError
@@ -184,15 +186,20 @@ def cmd_edit(args: argparse.Namespace) -> int:
     check_out_file(args.out, args.overwrite)
     check_corpus(args.corpus, cfg.stats_samples)
     check_model(args.model)
+    group = init_from_env()  # under torchrun: one rank of a data-parallel edit
     editor = Editor.from_pretrained(args.model, args.method, preset=preset,
                                     engine=args.engine, corpus=args.corpus,
                                     dtype=DTYPES[args.dtype], **overrides)
     reports = editor.edit(requests, batch_size=args.batch_size)  # (None: the preset's)
     check_out_file(args.out, args.overwrite)  # (still free after the edits)
-    path = editor.save_edits(args.out)
+    path = editor.save_edits(args.out)  # (rank 0 writes it)
     total = sum(r.seconds for r in reports)
-    print(f"{len(requests)} edits in {len(reports)} batch(es), {total:.1f} s "
-          f"({total / len(requests):.2f} s/edit); saved to {path}")
+    if group is None or group.is_main:
+        ranks = "" if group is None else f" on {group.world} ranks"
+        print(f"{len(requests)} edits in {len(reports)} batch(es){ranks}, {total:.1f} s "
+              f"({total / len(requests):.2f} s/edit); saved to {path}")
+    if group is not None:
+        torch.distributed.destroy_process_group()
     return 0
 
 
@@ -244,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a subcommand; a user mistake ends in one line on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command != "edit":
+        print(f"encore-fast {args.command}: error: only 'edit' runs under torchrun "
+              f"(WORLD_SIZE={os.environ['WORLD_SIZE']}); run {args.command} in one process",
+              file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as exc:

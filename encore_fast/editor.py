@@ -16,7 +16,7 @@ import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from encore_fast.config import EditConfig, guess_preset, make_config
+from encore_fast.distributed import resolve_group
 from encore_fast.errors import (
     ConfigError,
     EditError,
@@ -38,6 +39,7 @@ from encore_fast.methods.solver import DirectSolver, WoodburySolver
 from encore_fast.models.arch import ArchSpec, ModelView
 from encore_fast.models.fingerprint import model_fingerprint, weights_fingerprint
 from encore_fast.models.loading import load_model, prepare_tokenizer
+from encore_fast.models.placement import input_device
 from encore_fast.paths import default_corpus
 from encore_fast.requests import (
     EditRequest,
@@ -107,6 +109,17 @@ class Editor:
             batch, so rounding does not pile up over thousands of edits; undo, reset, save/load
             and the reported norms work on the masters. Default: on for fp16/bf16 models
             (costs 4 bytes per edited weight); no effect on fp32 models.
+        process_group: edit data-parallel over the ranks of a ``torch.distributed`` group
+            (launched with ``torchrun``): ``C0`` from every rank's share of the corpus, each
+            batch's values optimised in shares, rank 0's update applied on every rank, so all
+            ranks hold the same weights and state after each batch. ``None`` (default) uses the
+            default group when one is initialised with more than one process; ``False``: this
+            process alone. Every rank must make the same calls (edit, undo, load, save).
+        state_device: where each layer's ``C0``, ``S`` and solver state (float64,
+            ``d_in × d_in`` each) live: default the device the layer computes on (for a
+            ``device_map`` model, the layer's GPU); a device, or ``{layer: device}``, to put
+            them elsewhere (e.g. a GPU with room to spare); keys and residuals go there for the
+            solve and the factors come back.
         **overrides: any :class:`EditConfig` field (``layers``, ``lambda_p``, ...).
 
     One editor per model: it owns the edited matrices' history, so a second ``Editor`` on the
@@ -132,6 +145,8 @@ class Editor:
         progress: bool = True,
         max_value_tokens: int = 8192,
         master_weights: bool | None = None,
+        process_group: Any = None,
+        state_device: str | torch.device | Mapping[int, str | torch.device] | None = None,
         **overrides: Any,
     ) -> None:
         if engine not in ENGINES:
@@ -157,7 +172,9 @@ class Editor:
         self.engine = engine
         self.corpus = corpus
         self.stats_cache = stats_cache
-        self.progress = progress
+        self.group = resolve_group(process_group)
+        self.state_device = _checked_state_device(state_device)
+        self.progress = progress and (self.group is None or self.group.is_main)
         self.max_value_tokens = max_value_tokens
         self.fingerprint = model_fingerprint(model)
         self._weights_fingerprint: str | None = None
@@ -241,6 +258,8 @@ class Editor:
                 self._contexts = generate_context_templates(
                     self.model, self.tokenizer, words=self.hparams.context_words,
                     length=self.hparams.context_length, seed=self.hparams.context_seed)
+            if self.group is not None:  # (seeded, but sampling may differ across devices)
+                self._contexts = self.group.broadcast(self._contexts, "context templates")
         return self._contexts
 
     def weight_norms(self) -> dict[int, float]:
@@ -261,10 +280,17 @@ class Editor:
             if missing:
                 raise ConfigError(f"stats given for layers {sorted(c0)}, missing {missing}")
             self._states = {
-                l: LayerState(c0=c0[l].to(self.view.device, torch.float64))
+                l: LayerState(c0=c0[l].to(self._state_device(l), torch.float64))
                 for l in self.hparams.layers
             }
         return self._states
+
+    def _state_device(self, layer: int) -> torch.device:
+        """Where ``layer``'s ``C0``, ``S`` and solver state live (see ``state_device``)."""
+        chosen = self.state_device
+        if isinstance(chosen, Mapping):
+            chosen = chosen.get(layer)
+        return torch.device(chosen) if chosen is not None else self.view.layer_device(layer)
 
     def _compute_stats(self) -> dict[int, torch.Tensor]:
         if self._history:
@@ -281,7 +307,7 @@ class Editor:
                 n_samples=self.hparams.stats_samples, max_length=self.hparams.stats_max_length,
                 fingerprint=self.fingerprint, model_name=self.model_name,
                 cache=None if cache is True else cache, progress=self.progress,
-                weights_fingerprint=self._weights_fingerprint,
+                weights_fingerprint=self._weights_fingerprint, group=self.group,
             )
         for layer, c in c0.items():
             check_second_moments(c, layer, self.view.d_in(layer), "C0 computed from the corpus")
@@ -339,11 +365,14 @@ class Editor:
         """Values, then every layer's update (applied, as the next layer's keys need it), then
         ``S`` and the solvers; on any failure the applied layers are put back."""
         t0 = time.perf_counter()
-        values = self._optimize_values(reqs, bar)
+        values = self._shared_values(reqs, bar)
         zs = self._checked_values(reqs, values)
         t1 = time.perf_counter()
-        batch, keys64, w_norms, d_norms = self._update_layers(reqs, zs)
-        self._commit(batch, keys64, solved=True)
+        if self.group is None:
+            batch, keys64, w_norms, d_norms = self._update_layers(reqs, zs)
+        else:
+            batch, keys64, w_norms, d_norms = self._update_from_main(reqs, zs)
+        self._commit(batch, keys64, solved=self.group is None or self.group.is_main)
         t2 = time.perf_counter()
         return BatchReport(
             batch_index=len(self._history) - 1, n_requests=len(reqs), seconds=t2 - t0,
@@ -351,6 +380,56 @@ class Editor:
             weight_norms=w_norms, delta_norms=d_norms, seconds_values=t1 - t0,
             seconds_update=t2 - t1,
         )
+
+    def _shared_values(self, reqs: list[EditRequest], bar: Any) -> list[Any]:
+        """The values of all ``reqs``: in one process, or each rank its share, then gathered
+        (every rank gets all of them, in request order, on its own device)."""
+        group = self.group
+        if group is None:
+            return self._optimize_values(reqs, bar)
+        mine: list[Any] = []
+        error = None
+        try:
+            share = reqs[group.share(len(reqs))]
+            mine = self._optimize_values(share, bar) if share else []
+        except Exception as exc:  # told to the other ranks, then raised here too
+            error = exc
+        what = f"batch {len(self._history)}: value optimisation"
+        group.agree(error, what)
+        parts = group.gather([replace(v, z=v.z.cpu(), h0=v.h0.cpu()) for v in mine], what)
+        if bar is not None:
+            bar.update(len(reqs) - len(mine))
+        dev = self.view.device
+        return [replace(v, z=v.z.to(dev), h0=v.h0.to(dev)) for part in parts for v in part]
+
+    def _update_from_main(self, reqs: list[EditRequest], zs: torch.Tensor) -> tuple[
+            _Batch, dict[int, torch.Tensor], dict[int, float], dict[int, float]]:
+        """Rank 0 solves and applies the batch's update, then sends its factors; the other
+        ranks apply those very factors (so every rank's weights stay bit-identical)."""
+        group = self.group
+        assert group is not None
+        what = f"batch {len(self._history)}: the update"
+        if group.is_main:
+            try:
+                batch, keys64, w_norms, d_norms = self._update_layers(reqs, zs)
+            except Exception as exc:
+                group.broadcast(("error", f"{type(exc).__name__}: {exc}"), what)
+                raise
+            group.broadcast(("ok", (batch.factors, w_norms, d_norms)), what)
+            return batch, keys64, w_norms, d_norms
+        status, payload = group.broadcast(None, what)
+        if status == "error":
+            raise EditError(f"rank {group.rank}: {what} failed on rank 0 (nothing was changed "
+                            f"on any rank): {payload}")
+        factors, w_norms, d_norms = payload
+        batch = _Batch(requests=list(reqs), factors=factors)
+        states = self.layer_states()
+        with torch.no_grad():
+            for layer, (u, v, _k) in factors.items():
+                self._apply(layer, u, v)
+        keys64 = {layer: k.to(states[layer].c0.device).double()
+                  for layer, (_u, _v, k) in factors.items()}
+        return batch, keys64, w_norms, d_norms
 
     def _optimize_values(self, reqs: list[EditRequest], bar: Any) -> list[Any]:
         """The target value ``z`` of every request (changes no weight)."""
@@ -415,9 +494,10 @@ class Editor:
                 fwd.freeze_below(layer)  # the layers before it are final for this batch
                 keys = fwd.keys(layer)
                 cur = fwd.block_outputs(z_layer)
-                resid = (zs - cur) / (len(cfg.layers) - i)
-                k64 = keys.T.contiguous().double()  # the layout replay reads back
-                v = self._solver(layer).solve(k64, resid.T.double())
+                resid = (zs.to(cur.device) - cur) / (len(cfg.layers) - i)
+                sdev = self.layer_states()[layer].c0.device  # (keys go to the state)
+                k64 = keys.T.contiguous().double().to(sdev)  # the layout replay reads back
+                v = self._solver(layer).solve(k64, resid.T.double().to(sdev))
                 u32, v32 = resid.T.contiguous(), v.float().contiguous()
                 _check_update(layer, keys, u32, v32, tuple(view.weight(layer).shape),
                               view.arch.transposed)
@@ -549,7 +629,8 @@ class Editor:
         """Write all applied batches (low-rank factors, keys, requests, settings, context
         templates, a checksum) to a safetensors file, atomically. Load it with
         :meth:`load_edits` on the same model. ``metadata``: JSON-able extras stored with
-        it (read back by :func:`read_edits_metadata`)."""
+        it (read back by :func:`read_edits_metadata`). Under a process group, rank 0 writes
+        the file (the others wait for it, and raise if it fails)."""
         tensors: dict[str, torch.Tensor] = {}
         for b, batch in enumerate(self._history):
             for layer, (u, v, k) in batch.factors.items():
@@ -567,7 +648,16 @@ class Editor:
             "sha256": tensors_digest(tensors),
             "extra": json.dumps(dict(metadata or {})),
         }
-        return atomic_save(path, tensors, meta)
+        if self.group is None:
+            return atomic_save(path, tensors, meta)
+        error = None  # under a process group rank 0 writes, the others learn how it went
+        try:
+            if self.group.is_main:
+                atomic_save(path, tensors, meta)
+        except Exception as exc:
+            error = exc
+        self.group.agree(error, f"saving the edits to {path}")
+        return Path(path)
 
     def load_edits(self, path: str | os.PathLike) -> int:
         """Apply the batches saved in ``path`` to this (unedited) editor's model; returns the
@@ -681,6 +771,20 @@ def _check_update(layer: int, keys: torch.Tensor, u: torch.Tensor, v: torch.Tens
             raise EditError(f"layer {layer}: {name} has non-finite entries (NaN or inf)")
 
 
+def _checked_state_device(chosen: Any) -> Any:
+    """``state_device`` as given, once every device in it is one torch knows."""
+    items = chosen.items() if isinstance(chosen, Mapping) else [(None, chosen)]
+    for layer, dev in items:
+        if dev is None:
+            continue
+        try:
+            torch.device(dev)
+        except (RuntimeError, TypeError) as exc:
+            where = "state_device" if layer is None else f"state_device[{layer}]"
+            raise ConfigError(f"{where} = {dev!r} is not a device ({exc})") from None
+    return chosen
+
+
 @contextmanager
 def _editing(model: torch.nn.Module) -> Iterator[None]:
     """Inside: eval mode (no dropout) and no parameter requires grad; both restored after."""
@@ -707,7 +811,7 @@ def sample_corpus(model: torch.nn.Module, tokenizer: Any, n: int = 64, length: i
     warnings.warn("no corpus given and no WikiText-2 found: estimating C0 from text sampled "
                   "from the model (pass corpus=... for real text)", stacklevel=3)
     torch.manual_seed(seed)
-    device = next(model.parameters()).device
+    device = input_device(model)
     starts = ["The", "In", "A", "It", "He", "She", "This", "When"]
     prompts = [starts[i % len(starts)] for i in range(n)]
     ids = [encode(tokenizer, p) for p in prompts]

@@ -8,12 +8,11 @@ interrupted computation resumes from its last checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,46 +23,12 @@ from tqdm.auto import tqdm
 from encore_fast.errors import EncoreFastError, StatsError
 from encore_fast.io import atomic_save, tensors_digest
 from encore_fast.models.arch import ModelView
-
-
-class StopForward(Exception):
-    """Raised by a hook to end a forward pass early (nothing after it is needed)."""
+from encore_fast.models.hooks import capture_mlp_inputs, run_until
 
 
 class StatsCacheError(EncoreFastError, RuntimeError):
     """A statistics cache file that is damaged or does not belong to this model, layer or
     corpus; the message names the file."""
-
-
-@contextlib.contextmanager
-def capture_mlp_inputs(view: ModelView, layers: Iterable[int], stop_after: int | None = None
-                       ) -> Iterator[dict[int, torch.Tensor]]:
-    """Record the input of each edited matrix (the keys) during a forward pass.
-
-    Yields a dict filled by the hooks: layer -> ``[batch, seq, d_in]``. If ``stop_after`` is
-    given, the forward pass is cut off (``StopForward``) once that block has run.
-    """
-    captured: dict[int, torch.Tensor] = {}
-    handles = []
-    for layer in layers:
-        def pre_hook(_mod: Any, args: tuple, layer: int = layer) -> None:
-            captured[layer] = args[0]
-        handles.append(view.mlp_out(layer).register_forward_pre_hook(pre_hook))
-    if stop_after is not None:
-        def stop_hook(_mod: Any, _args: Any, _out: Any) -> None:
-            raise StopForward
-        handles.append(view.blocks[stop_after].register_forward_hook(stop_hook))
-    try:
-        yield captured
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def run_until(model: torch.nn.Module, **inputs: Any) -> None:
-    """Run ``model(**inputs)``, swallowing the :class:`StopForward` of an early-exit hook."""
-    with contextlib.suppress(StopForward):
-        model(**inputs)
 
 
 # ----------------------------------------------------------------------------- corpora
@@ -192,6 +157,36 @@ def finalize(state: dict[str, Any]) -> dict[int, torch.Tensor]:
     return out
 
 
+def accumulate_in_group(
+    view: ModelView,
+    tokenizer: Any,
+    layers: list[int],
+    texts: list[str],
+    group: Any,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """:func:`accumulate_second_moments` over every rank's share of ``texts`` (rank ``r`` takes
+    texts ``r, r + world, ...``), summed over the ranks: every rank gets the state of all
+    ``texts``. ``group``: a :class:`encore_fast.distributed.Group`, or ``None`` for one process.
+    A rank whose share fails makes every rank raise (no rank waits for it)."""
+    if group is None:
+        return accumulate_second_moments(view, tokenizer, layers, texts, **kwargs)
+    state: dict[str, Any] = {}
+    error = None
+    try:
+        state = accumulate_second_moments(view, tokenizer, layers,
+                                          texts[group.rank :: group.world], **kwargs)
+    except Exception as exc:  # told to the other ranks, then raised here too
+        error = exc
+    group.agree(error, "the statistics pass")
+    for layer in layers:
+        group.all_reduce_(state["sums"][layer], f"summing C0 of layer {layer}")
+    tokens = torch.tensor([state["tokens"]], dtype=torch.float64, device=view.device)
+    state["tokens"] = int(group.all_reduce_(tokens, "summing the token counts").item())
+    state["texts_done"] = len(texts)
+    return state
+
+
 # ----------------------------------------------------------------------------- checks
 
 def check_second_moments(c0: Any, layer: int, d_in: int, source: str) -> torch.Tensor:
@@ -247,6 +242,7 @@ def second_moments(
     batch_size: int = 8,
     progress: bool = True,
     weights_fingerprint: str | None = None,
+    group: Any = None,
 ) -> dict[int, torch.Tensor]:
     """``C0`` for ``layers``, from the cache when present, else computed and cached.
 
@@ -256,12 +252,18 @@ def second_moments(
     reuses the fp32 statistics of the same weights, which estimate ``E[k kᵀ]`` more precisely
     than its own 16-bit activations would. A file that is damaged (checksum), of the wrong
     shape, or not finite is refused with its path.
+
+    ``group`` (a :class:`encore_fast.distributed.Group`): the ranks share the texts and sum
+    their moments, every rank returns the same ``C0``; rank 0 writes the cache (the others wait
+    until it is written), each rank checkpoints its own share, so an interrupted pass resumes
+    per rank (with the same number of ranks).
     """
     texts, corpus_id = load_corpus(corpus, n_samples)
     n_used = len(texts)
     if cache is False:
-        state = accumulate_second_moments(view, tokenizer, layers, texts, max_length=max_length,
-                                          batch_size=batch_size, progress=progress)
+        state = accumulate_in_group(view, tokenizer, layers, texts, group,
+                                    max_length=max_length, batch_size=batch_size,
+                                    progress=progress)
         return finalize(state)
     from encore_fast.models.loading import cache_dir
 
@@ -282,11 +284,14 @@ def second_moments(
                                               weights_fingerprint=weights_fingerprint)
                 break
     missing = [layer for layer in layers if layer not in result]
+    if group is not None:  # what one rank lacks, all compute (the pass is collective)
+        missing = sorted(set().union(*group.gather(missing, "checking the statistics cache")))
     if not missing:
         return {layer: result[layer].to(view.device) for layer in layers}
 
+    rank = "" if group is None else f"-rank{group.rank}of{group.world}"
     partial = folder / (f"partial-{dtype}-{fingerprint[:12]}-" + "-".join(map(str, missing))
-                        + ".safetensors")
+                        + f"{rank}.safetensors")
     state = None
     if partial.exists():
         state = _load_partial(partial, missing, fingerprint)
@@ -297,10 +302,13 @@ def second_moments(
                                        "texts_done": str(st["texts_done"]),
                                        "sha256": tensors_digest(tensors)})
 
-    state = accumulate_second_moments(view, tokenizer, missing, texts, max_length=max_length,
-                                      batch_size=batch_size, state=state, checkpoint=checkpoint,
-                                      progress=progress)
+    state = accumulate_in_group(view, tokenizer, missing, texts, group, max_length=max_length,
+                                batch_size=batch_size, state=state, checkpoint=checkpoint,
+                                progress=progress and (group is None or group.is_main))
     for layer, c0 in finalize(state).items():
+        result[layer] = c0.cpu()
+        if group is not None and not group.is_main:
+            continue
         c0 = c0.cpu()
         meta = {"fingerprint": fingerprint, "weights_fingerprint": weights_fingerprint or "",
                 "dtype": dtype, "layer": str(layer), "corpus": corpus_id,
@@ -308,8 +316,9 @@ def second_moments(
                 "tokens": str(state["tokens"]), "model": model_name,
                 "sha256": tensors_digest({"C0": c0})}
         atomic_save(files[layer], {"C0": c0}, meta)
-        result[layer] = c0
     partial.unlink(missing_ok=True)
+    if group is not None:
+        group.barrier("writing the statistics cache")
     return {layer: result[layer].to(view.device) for layer in layers}
 
 

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 
 from encore_fast.eval.datasets import EvalRecord
+from encore_fast.models.placement import input_device
 from encore_fast.requests import encode, target_token_ids
 
 
@@ -41,9 +42,9 @@ class TargetScore:
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    """Device of the model's first parameter (CPU for a parameterless module)."""
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
+    """Where the model's inputs go: its input embeddings' (execution) device (CPU for a
+    module without parameters)."""
+    return input_device(model)
 
 
 def pad_id(tokenizer: Any) -> int:

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from encore_fast.models.placement import execution_device, input_device, stored_tensor
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -95,8 +97,14 @@ class ModelView:
         return self.blocks[layer].get_submodule(self.arch.mlp_out)
 
     def weight(self, layer: int) -> torch.Tensor:
-        """The edited weight as stored (``[d_out, d_in]``, or ``[d_in, d_out]`` if transposed)."""
-        return self.mlp_out(layer).weight
+        """The edited weight as stored (``[d_out, d_in]``, or ``[d_in, d_out]`` if transposed);
+        for a layer accelerate offloaded to CPU, the stored tensor its hook loads from."""
+        return stored_tensor(self.mlp_out(layer), "weight")
+
+    def layer_device(self, layer: int) -> torch.device:
+        """The device ``layer``'s edited matrix computes on (its keys and solver state live
+        there): that of its weight, or its accelerate hook's execution device."""
+        return execution_device(self.mlp_out(layer))
 
     def weight_out_in(self, layer: int) -> torch.Tensor:
         """The edited weight as a ``[d_out, d_in]`` view (no copy)."""
@@ -154,7 +162,8 @@ class ModelView:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the model's inputs go: the input embeddings' (execution) device."""
+        return input_device(self.model)
 
 
 def block_hidden(output: object) -> torch.Tensor:

@@ -7,6 +7,8 @@ import hashlib
 import torch
 from torch import nn
 
+from encore_fast.models.placement import stored_parameters
+
 _SAMPLES_PER_TENSOR = 4096
 
 
@@ -33,7 +35,7 @@ def _fingerprint(model: nn.Module, precision: torch.dtype | None) -> str:
         for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "vocab_size", "n_embd", "n_layer"):
             h.update(f"{key}={getattr(cfg, key, None)};".encode())
-    for name, p in model.named_parameters():
+    for name, p in stored_parameters(model):  # (offloaded ones as stored)
         dtype = p.dtype if precision is None else "any"
         h.update(f"{name}:{tuple(p.shape)}:{dtype};".encode())
         flat = p.detach().reshape(-1)

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from encore_fast.models.arch import ModelView, block_hidden, stand_ins
+from encore_fast.models.hooks import StopForward, run_until
 from encore_fast.requests import EditRequest, encode, subject_last_index
-from encore_fast.stats import StopForward, run_until
 from encore_fast.values.prompts import pad_batch, pad_id_of
 from encore_fast.values.templates import fill
 

@@ -54,9 +54,10 @@ def optimize_value(
     def hook(_mod: Any, _args: Any, output: Any) -> Any:
         hidden = block_hidden(output)
         if "h0" not in state:
-            state["h0"] = hidden[0, lookup[0]].detach().float().clone()
-        add = torch.zeros_like(hidden).index_put((rows, lookup), delta.to(hidden.dtype).expand(
-            len(rows), -1))
+            state["h0"] = hidden[0, int(lookup[0])].detach().float().clone().to(device)
+        dev = hidden.device  # (the block's: another GPU than the inputs' under a device_map)
+        add = torch.zeros_like(hidden).index_put((rows.to(dev), lookup.to(dev)), delta.to(
+            dev, hidden.dtype).expand(len(rows), -1))
         return replace_block_hidden(output, hidden + add)
 
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
@@ -71,7 +72,7 @@ def optimize_value(
     try:
         for it in range(cfg.v_num_grad_steps):
             opt.zero_grad()
-            logits = view.model(input_ids=ids, attention_mask=attn).logits.float()
+            logits = view.model(input_ids=ids, attention_mask=attn).logits.to(device).float()
             log_probs = torch.log_softmax(logits[:n_rw], dim=-1)
             rw_rows = torch.arange(n_rw, device=device)[:, None]
             target_logp = log_probs[rw_rows, positions].gather(-1, targets[..., None])[..., 0]

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from encore_fast.models.placement import input_device
 from encore_fast.requests import encode
 
 
@@ -27,7 +28,7 @@ def generate_context_templates(
 ) -> list[str]:
     """``["{}"]`` followed by one sampled ``"<text>. {}"`` per seed word."""
     gen = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
+    device = input_device(model)
     templates = ["{}"]
     for word in words:
         ids = encode(tokenizer, word)
