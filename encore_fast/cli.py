@@ -191,7 +191,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
                                     engine=args.engine, corpus=args.corpus,
                                     dtype=DTYPES[args.dtype], **overrides)
     reports = editor.edit(requests, batch_size=args.batch_size)  # (None: the preset's)
-    check_out_file(args.out, args.overwrite)  # (still free after the edits)
+    check_out_after_edits(args.out, args.overwrite, group)
     path = editor.save_edits(args.out)  # (rank 0 writes it)
     total = sum(r.seconds for r in reports)
     if group is None or group.is_main:
@@ -201,6 +201,22 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if group is not None:
         torch.distributed.destroy_process_group()
     return 0
+
+
+def check_out_after_edits(path: str, overwrite: bool, group: Any) -> None:
+    """Check ``--out`` again after the (long) edits: something may have taken the name
+    meanwhile. Under a process group only rank 0 looks (it alone writes, and may already have
+    written when a slower rank would look) and all ranks learn the answer."""
+    if group is None:
+        check_out_file(path, overwrite)
+        return
+    error = None
+    if group.is_main:
+        try:
+            check_out_file(path, overwrite)
+        except ConfigError as exc:
+            error = exc
+    group.agree(error, f"checking --out {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,8 +14,7 @@ import os
 import time
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from encore_fast.methods import LayerState, get_rule
 from encore_fast.methods.solver import DirectSolver, WoodburySolver
 from encore_fast.models.arch import ArchSpec, ModelView
 from encore_fast.models.fingerprint import model_fingerprint, weights_fingerprint
+from encore_fast.models.hooks import editing_mode
 from encore_fast.models.loading import load_model, prepare_tokenizer
 from encore_fast.models.placement import input_device
 from encore_fast.paths import default_corpus
@@ -254,7 +254,7 @@ class Editor:
         if self._contexts is None:
             if self._history:
                 raise RuntimeError("context templates must be made from the unedited model")
-            with _editing(self.model):
+            with editing_mode(self.model):
                 self._contexts = generate_context_templates(
                     self.model, self.tokenizer, words=self.hparams.context_words,
                     length=self.hparams.context_length, seed=self.hparams.context_seed)
@@ -301,7 +301,7 @@ class Editor:
         cache = self.stats_cache
         if self._weights_fingerprint is None:
             self._weights_fingerprint = weights_fingerprint(self.model)
-        with _editing(self.model):
+        with editing_mode(self.model):
             c0 = second_moments(
                 self.view, self.tokenizer, self.hparams.layers, corpus,
                 n_samples=self.hparams.stats_samples, max_length=self.hparams.stats_max_length,
@@ -337,7 +337,7 @@ class Editor:
         if not reqs:
             return []
         progress = self.progress if progress is None else progress
-        with _editing(self.model):
+        with editing_mode(self.model):
             validate_requests(reqs, self.tokenizer, self._max_request_length(), bs)
             self.layer_states()
             reports = []
@@ -677,7 +677,7 @@ class Editor:
             self._contexts = contexts
         else:
             self.context_templates  # noqa: B018  (files before contexts were saved: make them now)
-        with _editing(self.model):
+        with editing_mode(self.model):
             self._replay(batches)
         return len(batches)
 
@@ -783,24 +783,6 @@ def _checked_state_device(chosen: Any) -> Any:
             where = "state_device" if layer is None else f"state_device[{layer}]"
             raise ConfigError(f"{where} = {dev!r} is not a device ({exc})") from None
     return chosen
-
-
-@contextmanager
-def _editing(model: torch.nn.Module) -> Iterator[None]:
-    """Inside: eval mode (no dropout) and no parameter requires grad; both restored after."""
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in zip(params, flags, strict=True):
-            p.requires_grad_(f)
-        for m, training in modes:
-            m.training = training
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from encore_fast.cli import build_parser, main
+from encore_fast.cli import build_parser, check_out_after_edits, main
 from encore_fast.config import parse_overrides
 from encore_fast.errors import ConfigError, RequestError
 from encore_fast.requests import read_requests_file
@@ -94,6 +94,32 @@ def test_existing_output_is_not_overwritten(reqs, tmp_path, capsys):
     assert not any(folder.iterdir())
     _fails(capsys, ["edit", str(reqs), "--out", str(reqs / "edits.safetensors")],
            "not a folder")
+
+
+class _Rank:
+    """A stand-in for a process group's rank: records what it was told to agree on."""
+
+    def __init__(self, is_main: bool) -> None:
+        self.is_main, self.agreed = is_main, []
+
+    def agree(self, error, what) -> None:
+        self.agreed.append((error, what))
+
+
+def test_out_is_checked_after_the_edits_by_rank_0_alone(tmp_path):
+    # Rank 0 writes --out and may already have written it when a slower rank looks again:
+    # only rank 0's view counts, and every rank learns it through agree().
+    out = tmp_path / "edits.safetensors"
+    out.write_bytes(b"saved by rank 0")
+    other = _Rank(is_main=False)
+    check_out_after_edits(str(out), False, other)
+    assert other.agreed == [(None, f"checking --out {out}")]
+    main_rank = _Rank(is_main=True)
+    check_out_after_edits(str(out), False, main_rank)
+    (error, _), = main_rank.agreed
+    assert isinstance(error, ConfigError) and "--overwrite" in str(error)
+    with pytest.raises(ConfigError, match="exists"):
+        check_out_after_edits(str(out), False, None)
 
 
 @pytest.mark.parametrize("make,words", [

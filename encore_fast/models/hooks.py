@@ -45,3 +45,22 @@ def run_until(model: torch.nn.Module, **inputs: Any) -> None:
     """Run ``model(**inputs)``, swallowing the :class:`StopForward` of an early-exit hook."""
     with contextlib.suppress(StopForward):
         model(**inputs)
+
+
+@contextlib.contextmanager
+def editing_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Inside: eval mode (no dropout) and no parameter requires grad; both restored after,
+    so editing leaves a model in training exactly as it found it."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags, strict=True):
+            p.requires_grad_(f)
+        for m, training in modes:
+            m.training = training

@@ -16,6 +16,7 @@ import torch
 
 from encore_fast.config import EditConfig
 from encore_fast.models.arch import ModelView, block_hidden, replace_block_hidden
+from encore_fast.models.hooks import editing_mode
 from encore_fast.values.objective import MPES, clamp_, prompts_correct, value_loss
 from encore_fast.values.prompts import ValuePrompts, pad_batch, pad_id_of
 
@@ -66,44 +67,43 @@ def optimize_value(
     correct_hist: list[bool] = []
     kl_init = None
     updates, stopped, zero_grads = 0, False, 0
-    for p in view.model.parameters():
-        p.requires_grad_(False)
     handle = view.blocks[layer].register_forward_hook(hook)
-    try:
-        for it in range(cfg.v_num_grad_steps):
-            opt.zero_grad()
-            logits = view.model(input_ids=ids, attention_mask=attn).logits.to(device).float()
-            log_probs = torch.log_softmax(logits[:n_rw], dim=-1)
-            rw_rows = torch.arange(n_rw, device=device)[:, None]
-            target_logp = log_probs[rw_rows, positions].gather(-1, targets[..., None])[..., 0]
-            kl_logp = torch.log_softmax(logits[n_rw:][torch.arange(
-                len(rows) - n_rw, device=device), lookup[n_rw:]], dim=-1)
-            if kl_init is None:
-                kl_init = kl_logp.detach().clone()
-            h0 = state["h0"]
-            loss, _ = value_loss(
-                target_logp[None], tmask[None], kl_logp[:1], kl_init[:1], delta[None],
-                h0.norm()[None], torch.tensor([float(t)], device=device),
-                kl_factor=cfg.kl_factor, weight_decay=cfg.v_weight_decay,
-            )
-            loss = loss[0]
-            history.append(float(loss.detach()))
-            pred = logits[rw_rows, positions].argmax(-1)
-            all_correct = bool(prompts_correct(pred[1:], targets[1:], tmask[1:]).all())
-            correct_hist.append(all_correct)
-            if mpes.update(all_correct):
-                stopped = True
-                break
-            if history[-1] < cfg.loss_cutoff or it == cfg.v_num_grad_steps - 1:
-                break
-            loss.backward()
-            zero_grads += int(not bool(delta.grad.any()))
-            opt.step()
-            updates += 1
-            with torch.no_grad():
-                clamp_(delta[None], cfg.clamp_norm_factor * h0.norm()[None])
-    finally:
-        handle.remove()
+    with editing_mode(view.model):  # (δ alone needs gradients; the flags come back after)
+        try:
+            for it in range(cfg.v_num_grad_steps):
+                opt.zero_grad()
+                logits = view.model(input_ids=ids, attention_mask=attn).logits.to(device).float()
+                log_probs = torch.log_softmax(logits[:n_rw], dim=-1)
+                rw_rows = torch.arange(n_rw, device=device)[:, None]
+                target_logp = log_probs[rw_rows, positions].gather(-1, targets[..., None])[..., 0]
+                kl_logp = torch.log_softmax(logits[n_rw:][torch.arange(
+                    len(rows) - n_rw, device=device), lookup[n_rw:]], dim=-1)
+                if kl_init is None:
+                    kl_init = kl_logp.detach().clone()
+                h0 = state["h0"]
+                loss, _ = value_loss(
+                    target_logp[None], tmask[None], kl_logp[:1], kl_init[:1], delta[None],
+                    h0.norm()[None], torch.tensor([float(t)], device=device),
+                    kl_factor=cfg.kl_factor, weight_decay=cfg.v_weight_decay,
+                )
+                loss = loss[0]
+                history.append(float(loss.detach()))
+                pred = logits[rw_rows, positions].argmax(-1)
+                all_correct = bool(prompts_correct(pred[1:], targets[1:], tmask[1:]).all())
+                correct_hist.append(all_correct)
+                if mpes.update(all_correct):
+                    stopped = True
+                    break
+                if history[-1] < cfg.loss_cutoff or it == cfg.v_num_grad_steps - 1:
+                    break
+                loss.backward()
+                zero_grads += int(not bool(delta.grad.any()))
+                opt.step()
+                updates += 1
+                with torch.no_grad():
+                    clamp_(delta[None], cfg.clamp_norm_factor * h0.norm()[None])
+        finally:
+            handle.remove()
     h0 = state["h0"]
     return ValueResult(
         z=(h0 + delta.detach()).float(), h0=h0, steps=len(history), updates=updates,
