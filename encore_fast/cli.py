@@ -256,11 +256,20 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(edit)
     edit.set_defaults(func=cmd_edit)
 
-    from encore_fast.eval.cli import add_eval_arguments, run_eval
+    from encore_fast.eval.cli import (
+        add_eval_arguments,
+        add_snapshot_arguments,
+        run_eval,
+        run_eval_snapshots,
+    )
 
     ev = sub.add_parser("eval", help="sequential editing run with evaluation")
     add_eval_arguments(ev)
     ev.set_defaults(func=run_eval)
+
+    snaps = sub.add_parser("eval-snapshots", help="evaluate the weight snapshots of a run")
+    add_snapshot_arguments(snaps)
+    snaps.set_defaults(func=run_eval_snapshots)
     return parser
 
 

@@ -15,23 +15,24 @@ import time
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from encore_fast.config import EditConfig, guess_preset, make_config
+from encore_fast.config import guess_preset, make_config
 from encore_fast.distributed import resolve_group
+from encore_fast.edits_file import Base, Batch, check_update, pack_edits, read_edits
+from encore_fast.edits_file import read_edits_metadata as read_edits_metadata
 from encore_fast.errors import (
     ConfigError,
     EditError,
     EditorConflictError,
-    EditsFileError,
+    HistoryError,
 )
-from encore_fast.io import atomic_save, tensors_digest
+from encore_fast.io import atomic_save
 from encore_fast.kernels import apply_lowrank_update_
 from encore_fast.methods import LayerState, get_rule
 from encore_fast.methods.solver import DirectSolver, WoodburySolver
@@ -53,7 +54,6 @@ from encore_fast.values.keys import SubjectForwards
 from encore_fast.values.prompts import build_value_prompts
 from encore_fast.values.templates import generate_context_templates
 
-EDITS_FORMAT = "encore_fast.edits/1"
 ENGINES = ("reference", "fast")
 _HOLDERS: weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref[Editor]] = (
     weakref.WeakKeyDictionary())  # model -> the live editor that edits it
@@ -75,15 +75,6 @@ class BatchReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
-
-
-@dataclass
-class _Batch:
-    """One applied batch: its requests and, per layer, ``Δ = U Vᵀ`` and the keys ``K``."""
-
-    requests: list[EditRequest]
-    factors: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
-        default_factory=dict)
 
 
 class Editor:
@@ -120,6 +111,12 @@ class Editor:
             ``device_map`` model, the layer's GPU); a device, or ``{layer: device}``, to put
             them elsewhere (e.g. a GPU with room to spare); keys and residuals go there for the
             solve and the factors come back.
+        history: how many of the last batches undo can take back (their factors are kept in
+            memory: ``(d_out + 2 d_in) · n`` floats per layer and batch). Older batches are
+            folded into a base state (the edited matrices, ``S`` and solver state after them;
+            materialised when the first batch is dropped, as large as that state), which
+            :meth:`save_edits` writes in their place. ``None``: keep every batch; ``0``: keep
+            none and no base (no undo; the smallest memory, what long runs use). Default 100.
         **overrides: any :class:`EditConfig` field (``layers``, ``lambda_p``, ...).
 
     One editor per model: it owns the edited matrices' history, so a second ``Editor`` on the
@@ -147,12 +144,14 @@ class Editor:
         master_weights: bool | None = None,
         process_group: Any = None,
         state_device: str | torch.device | Mapping[int, str | torch.device] | None = None,
+        history: int | None = 100,
         **overrides: Any,
     ) -> None:
         if engine not in ENGINES:
             raise ConfigError(f"unknown engine {engine!r}; choose one of {ENGINES}")
         if not isinstance(max_value_tokens, int) or max_value_tokens < 1:
             raise ConfigError(f"max_value_tokens must be an integer >= 1, got {max_value_tokens!r}")
+        _check_history(history)
         holder = _HOLDERS.get(model)
         if holder is not None and holder() is not None:
             raise EditorConflictError(
@@ -167,7 +166,7 @@ class Editor:
             preset = guess_preset(self.model_name)
         self.preset = preset
         self.method = method
-        self.hparams: EditConfig = make_config(method, preset, self.view.num_layers, **overrides)
+        self.hparams = make_config(method, preset, self.view.num_layers, **overrides)
         self.rule = get_rule(method)
         self.engine = engine
         self.corpus = corpus
@@ -186,7 +185,10 @@ class Editor:
         self.master_weights = half and (master_weights is None or bool(master_weights))
         self._masters: dict[int, torch.Tensor] = {
             l: w0.float() for l, w0 in self._original.items()} if self.master_weights else {}
-        self._history: list[_Batch] = []
+        self._history: list[Batch] = []  # the batches undo can reach (the last ones)
+        self._dropped: list[list[EditRequest]] = []  # requests of the batches before them
+        self._base: Base | None = None  # the state after those (None: original, or history=0)
+        self._history_limit = history
         self._solvers: dict[int, DirectSolver | WoodburySolver] = {}
         self._released = False
         _HOLDERS[model] = weakref.ref(self)
@@ -235,16 +237,30 @@ class Editor:
 
     @property
     def num_batches(self) -> int:
-        return len(self._history)
+        """Batches applied so far (also those the bounded history no longer keeps)."""
+        return len(self._dropped) + len(self._history)
 
     @property
     def num_edits(self) -> int:
-        return sum(len(b.requests) for b in self._history)
+        return len(self.requests)
 
     @property
     def requests(self) -> list[EditRequest]:
         """All requests applied so far, in order."""
-        return [r for b in self._history for r in b.requests]
+        return [r for b in self._dropped for r in b] + [
+            r for b in self._history for r in b.requests]
+
+    @property
+    def history(self) -> int | None:
+        """How many of the last batches undo can take back (``None``: all); setting a smaller
+        value drops the older ones now."""
+        return self._history_limit
+
+    @history.setter
+    def history(self, value: int | None) -> None:
+        _check_history(value)
+        self._history_limit = value
+        self._trim_history()
 
     @property
     def context_templates(self) -> list[str]:
@@ -252,7 +268,7 @@ class Editor:
         its first edit or load) and saved with the edits, so that a loaded or resumed run goes
         on with the very same prefixes."""
         if self._contexts is None:
-            if self._history:
+            if self.num_batches:
                 raise RuntimeError("context templates must be made from the unedited model")
             with editing_mode(self.model):
                 self._contexts = generate_context_templates(
@@ -293,7 +309,7 @@ class Editor:
         return torch.device(chosen) if chosen is not None else self.view.layer_device(layer)
 
     def _compute_stats(self) -> dict[int, torch.Tensor]:
-        if self._history:
+        if self.num_batches:
             raise RuntimeError("statistics must be computed on the original model; reset() first")
         corpus = self.corpus if self.corpus is not None else default_corpus()
         if corpus is None:
@@ -375,7 +391,7 @@ class Editor:
         self._commit(batch, keys64, solved=self.group is None or self.group.is_main)
         t2 = time.perf_counter()
         return BatchReport(
-            batch_index=len(self._history) - 1, n_requests=len(reqs), seconds=t2 - t0,
+            batch_index=self.num_batches - 1, n_requests=len(reqs), seconds=t2 - t0,
             steps=[v.updates for v in values], mpes_stopped=[v.mpes_stopped for v in values],
             weight_norms=w_norms, delta_norms=d_norms, seconds_values=t1 - t0,
             seconds_update=t2 - t1,
@@ -394,7 +410,7 @@ class Editor:
             mine = self._optimize_values(share, bar) if share else []
         except Exception as exc:  # told to the other ranks, then raised here too
             error = exc
-        what = f"batch {len(self._history)}: value optimisation"
+        what = f"batch {self.num_batches}: value optimisation"
         group.agree(error, what)
         parts = group.gather([replace(v, z=v.z.cpu(), h0=v.h0.cpu()) for v in mine], what)
         if bar is not None:
@@ -403,12 +419,12 @@ class Editor:
         return [replace(v, z=v.z.to(dev), h0=v.h0.to(dev)) for part in parts for v in part]
 
     def _update_from_main(self, reqs: list[EditRequest], zs: torch.Tensor) -> tuple[
-            _Batch, dict[int, torch.Tensor], dict[int, float], dict[int, float]]:
+            Batch, dict[int, torch.Tensor], dict[int, float], dict[int, float]]:
         """Rank 0 solves and applies the batch's update, then sends its factors; the other
         ranks apply those very factors (so every rank's weights stay bit-identical)."""
         group = self.group
         assert group is not None
-        what = f"batch {len(self._history)}: the update"
+        what = f"batch {self.num_batches}: the update"
         if group.is_main:
             try:
                 batch, keys64, w_norms, d_norms = self._update_layers(reqs, zs)
@@ -422,7 +438,7 @@ class Editor:
             raise EditError(f"rank {group.rank}: {what} failed on rank 0 (nothing was changed "
                             f"on any rank): {payload}")
         factors, w_norms, d_norms = payload
-        batch = _Batch(requests=list(reqs), factors=factors)
+        batch = Batch(requests=list(reqs), factors=factors)
         states = self.layer_states()
         with torch.no_grad():
             for layer, (u, v, _k) in factors.items():
@@ -447,7 +463,7 @@ class Editor:
 
     def _checked_values(self, reqs: list[EditRequest], values: list[Any]) -> torch.Tensor:
         """Stack the values; non-finite ones are an error, suspicious ones a warning."""
-        batch = len(self._history)
+        batch = self.num_batches
         bad = [i for i, v in enumerate(values) if not bool(torch.isfinite(v.z).all())]
         if bad:
             names = "; ".join(reqs[i].describe() for i in bad[:3])
@@ -477,11 +493,11 @@ class Editor:
         return torch.stack([v.z for v in values])
 
     def _update_layers(self, reqs: list[EditRequest], zs: torch.Tensor) -> tuple[
-            _Batch, dict[int, torch.Tensor], dict[int, float], dict[int, float]]:
+            Batch, dict[int, torch.Tensor], dict[int, float], dict[int, float]]:
         """Solve and apply each layer's update in turn; roll all of them back on failure."""
         cfg, view = self.hparams, self.view
         z_layer = cfg.layers[-1]
-        batch = _Batch(requests=list(reqs))
+        batch = Batch(requests=list(reqs))
         keys64: dict[int, torch.Tensor] = {}
         w_norms, d_norms = {}, {}
         backups: dict[int, torch.Tensor] = {}
@@ -499,7 +515,7 @@ class Editor:
                 k64 = keys.T.contiguous().double().to(sdev)  # the layout replay reads back
                 v = self._solver(layer).solve(k64, resid.T.double().to(sdev))
                 u32, v32 = resid.T.contiguous(), v.float().contiguous()
-                _check_update(layer, keys, u32, v32, tuple(view.weight(layer).shape),
+                check_update(layer, keys, u32, v32, tuple(view.weight(layer).shape),
                               view.arch.transposed)
                 backups[layer] = self.edited_weight(layer).detach().clone()
                 w_norms[layer], d_norms[layer] = self._apply(layer, u32, v32)
@@ -518,7 +534,7 @@ class Editor:
             for solver in self._solvers.values():
                 solver.discard()
             self._solvers = {l: sv for l, sv in self._solvers.items() if l in had_solvers}
-            where = f"batch {len(self._history)}, layer {layer}"
+            where = f"batch {self.num_batches}, layer {layer}"
             if isinstance(exc, torch.linalg.LinAlgError):
                 raise EditError(
                     f"{where}: the update's linear system could not be solved ({exc}); C0 or "
@@ -530,7 +546,7 @@ class Editor:
             raise
         return batch, keys64, w_norms, d_norms
 
-    def _commit(self, batch: _Batch, keys64: Mapping[int, torch.Tensor], solved: bool) -> None:
+    def _commit(self, batch: Batch, keys64: Mapping[int, torch.Tensor], solved: bool) -> None:
         """Fold a batch whose weights are applied into ``S`` and the solvers, record it.
         ``solved``: the solvers hold this batch from :meth:`_update_layers` (else, in a
         replay, they fold the keys themselves: the same operations on the same inputs)."""
@@ -541,6 +557,56 @@ class Editor:
             else:
                 solver.fold(k64)
         self._history.append(batch)
+        self._trim_history()
+
+    def _trim_history(self) -> None:
+        """Drop the batches past the ``history`` window, folding them into the base."""
+        limit = self._history_limit
+        if limit is None:
+            return
+        while len(self._history) > limit:
+            batch = self._history.pop(0)
+            self._dropped.append(batch.requests)
+            if limit > 0:
+                self._fold_into_base(batch)
+        if limit == 0:
+            self._base = None  # nothing to go back to: the live state is all there is
+
+    def _fold_into_base(self, batch: Batch) -> None:
+        """Advance the base by one batch: the same operations as when it was applied."""
+        if self._base is None:
+            states = {l: LayerState(c0=st.c0) for l, st in self.layer_states().items()}
+            self._base = Base(
+                weights={l: (w0.float() if l in self._masters else w0.clone())
+                         for l, w0 in self._original.items()},
+                states=states,
+                solvers={l: self._make_solver(l, st) for l, st in states.items()})
+        base = self._base
+        with torch.no_grad():
+            for layer, (u, v, k) in batch.factors.items():
+                w = base.weights[layer]
+                apply_lowrank_update_(w, u.to(w.device), v.to(w.device),
+                                      transposed=self.view.arch.transposed)
+                base.solvers[layer].fold(k.to(base.states[layer].c0.device).double())
+
+    def _restore_base(self) -> None:
+        """Weights, ``S`` and solvers := the base (the original model when there is none)."""
+        base = self._base
+        if base is None:
+            if self._dropped:
+                raise HistoryError("the batches before the kept history were not kept "
+                                   "(history=0): there is no state to go back to")
+            self._restore_original()
+            return
+        states = self.layer_states()
+        with torch.no_grad():
+            for layer, w in base.weights.items():
+                if layer in self._masters:
+                    self._masters[layer].copy_(w)
+                self.view.weight(layer).data.copy_(w)  # (a master rounded, as the kernel does)
+                st = base.states[layer]
+                states[layer].s = None if st.s is None else st.s.clone()
+                self._solvers[layer] = base.solvers[layer].copy(states[layer])
 
     @torch.no_grad()
     def _apply(self, layer: int, u: torch.Tensor, v: torch.Tensor) -> tuple[float, float]:
@@ -562,12 +628,17 @@ class Editor:
     def reset(self) -> None:
         """Restore the original weights and forget all edits and sequential state."""
         self._check_held("reset")
+        self._restore_original()
+        self._history.clear()
+        self._dropped.clear()
+        self._base = None
+
+    def _restore_original(self) -> None:
         with torch.no_grad():
             for layer, w0 in self._original.items():
                 self.view.weight(layer).data.copy_(w0)
                 if layer in self._masters:
                     self._masters[layer].copy_(w0)
-        self._history.clear()
         if self._states is not None:
             for st in self._states.values():
                 st.s = None
@@ -578,18 +649,25 @@ class Editor:
         requests. The editor is then exactly as if the last batch had never been applied."""
         self._check_held("undo")
         if not self._history:
+            if self._dropped:
+                raise HistoryError(
+                    f"cannot undo batch {self.num_batches - 1}: this editor keeps the last "
+                    f"{self._history_limit} batch(es) (history={self._history_limit}) and has "
+                    "already taken back those; the earlier batches are folded into its state "
+                    "(reset() goes back to the original model)")
             raise RuntimeError("nothing to undo: no batch has been applied")
         kept = self._history[:-1]
         last = self._history[-1]
         self._replay(kept)
         return last.requests
 
-    def _replay(self, batches: list[_Batch]) -> None:
-        """Set weights, ``S`` and solver state to original + the given batches, applied in
-        order: the same operations on the same inputs as when they were first applied, so
-        the result is bit-for-bit that of the editor that applied them."""
-        self.reset()
+    def _replay(self, batches: list[Batch]) -> None:
+        """Set weights, ``S`` and solver state to the base (or the original) + the given
+        batches, applied in order: the same operations on the same inputs as when they were
+        first applied, so the result is bit-for-bit that of the editor that applied them."""
         states = self.layer_states()
+        self._restore_base()
+        self._history = []
         for layer in self.hparams.layers:
             self._solver(layer)  # made from S = 0, as before a first batch
         for batch in batches:
@@ -603,51 +681,48 @@ class Editor:
         """The solver of ``layer``: Woodbury (fast engine, built from ``C0`` and ``S``) or the
         rule's direct float64 solve (reference engine)."""
         if layer not in self._solvers:
-            state = self.layer_states()[layer]
-            solver: DirectSolver | WoodburySolver | None = None
-            if self.engine == "fast":
-                try:
-                    solver = WoodburySolver(self.rule, state, self.hparams)
-                except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
-                    if isinstance(exc, torch.linalg.LinAlgError) or (
-                            type(exc) is RuntimeError and "allocate" not in str(exc)):
-                        raise  # CPU allocation failures are RuntimeErrors; nothing else is ours
-
-                    d = state.c0.shape[0]
-                    warnings.warn(
-                        f"layer {layer}: the Woodbury solver's float64 {d}x{d} inverse "
-                        f"({d * d * 8 / 2**30:.2f} GiB) does not fit on {state.c0.device} "
-                        f"({type(exc).__name__}); solving the full system each batch instead "
-                        "(same result, slower)", stacklevel=3)
-            self._solvers[layer] = solver or DirectSolver(self.rule, state, self.hparams)
+            self._solvers[layer] = self._make_solver(layer, self.layer_states()[layer])
         return self._solvers[layer]
+
+    def _make_solver(self, layer: int, state: LayerState) -> DirectSolver | WoodburySolver:
+        """A fresh solver over ``state`` (see :meth:`_solver`)."""
+        solver: DirectSolver | WoodburySolver | None = None
+        if self.engine == "fast":
+            try:
+                solver = WoodburySolver(self.rule, state, self.hparams)
+            except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+                if isinstance(exc, torch.linalg.LinAlgError) or (
+                        type(exc) is RuntimeError and "allocate" not in str(exc)):
+                    raise  # CPU allocation failures are RuntimeErrors; nothing else is ours
+
+                d = state.c0.shape[0]
+                warnings.warn(
+                    f"layer {layer}: the Woodbury solver's float64 {d}x{d} inverse "
+                    f"({d * d * 8 / 2**30:.2f} GiB) does not fit on {state.c0.device} "
+                    f"({type(exc).__name__}); solving the full system each batch instead "
+                    "(same result, slower)", stacklevel=3)
+        return solver or DirectSolver(self.rule, state, self.hparams)
 
     # ------------------------------------------------------------------ save / load
 
     def save_edits(self, path: str | os.PathLike,
                    metadata: Mapping[str, Any] | None = None) -> Path:
         """Write all applied batches (low-rank factors, keys, requests, settings, context
-        templates, a checksum) to a safetensors file, atomically. Load it with
+        templates, a checksum) to a safetensors file, atomically; the batches the bounded
+        history dropped are written as the state after them (``encore_fast.edits_file``), so
+        the file of a long run with ``history=0`` is one state, not every batch. Load it with
         :meth:`load_edits` on the same model. ``metadata``: JSON-able extras stored with
         it (read back by :func:`read_edits_metadata`). Under a process group, rank 0 writes
         the file (the others wait for it, and raise if it fails)."""
-        tensors: dict[str, torch.Tensor] = {}
-        for b, batch in enumerate(self._history):
-            for layer, (u, v, k) in batch.factors.items():
-                tensors[f"b{b}.l{layer}.U"] = u.contiguous()
-                tensors[f"b{b}.l{layer}.V"] = v.contiguous()
-                tensors[f"b{b}.l{layer}.K"] = k.contiguous()
         meta = {
-            "format": EDITS_FORMAT,
             "method": self.method,
             "model_name": self.model_name,
             "model_fingerprint": self.fingerprint,
             "config": json.dumps(self.hparams.to_dict()),
-            "batches": json.dumps([[r.to_dict() for r in b.requests] for b in self._history]),
             "contexts": json.dumps(self.context_templates),
-            "sha256": tensors_digest(tensors),
             "extra": json.dumps(dict(metadata or {})),
         }
+        tensors = pack_edits(meta, self._history, self._dropped, self._saved_base())
         if self.group is None:
             return atomic_save(path, tensors, meta)
         error = None  # under a process group rank 0 writes, the others learn how it went
@@ -669,17 +744,56 @@ class Editor:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no edits file at {path}")
-        if self._history:
+        if self.num_batches:
             raise RuntimeError(f"cannot load {path}: this editor already has "
                                f"{self.num_batches} batch(es); call reset() first")
-        batches, contexts = _read_edits(path, self)
-        if contexts is not None:
-            self._contexts = contexts
+        saved = read_edits(path, self)
+        if saved.contexts is not None:
+            self._contexts = saved.contexts
         else:
             self.context_templates  # noqa: B018  (files before contexts were saved: make them now)
         with editing_mode(self.model):
-            self._replay(batches)
-        return len(batches)
+            states = self.layer_states()  # (C0 from the original model, before any change)
+            if saved.dropped:
+                self._base = self._base_from_file(saved, states)
+                self._dropped = list(saved.dropped)
+            try:
+                self._replay(saved.batches)
+            except BaseException:
+                self.reset()
+                raise
+            self._trim_history()
+        return self.num_batches
+
+    def _saved_base(self) -> Base | None:
+        """The state save_edits writes for the dropped batches (history=0: the live one)."""
+        if not self._dropped:
+            return None
+        if self._base is not None:
+            return self._base
+        return Base(weights={l: self.edited_weight(l) for l in self.hparams.layers},
+                    states=self.layer_states(), solvers=self._solvers)
+
+    def _base_from_file(self, saved: Any, states: Mapping[int, LayerState]) -> Base:
+        """The base of a loaded file on this editor's devices and dtypes (its solvers as
+        saved, or made from its ``S`` when the file has no inverse, e.g. reference runs)."""
+        weights, bstates, solvers = {}, {}, {}
+        for layer, entry in saved.base.items():
+            edited = self.edited_weight(layer)
+            weights[layer] = entry["W"].to(edited.device, edited.dtype).clone()
+            sdev = states[layer].c0.device
+            st = LayerState(c0=states[layer].c0)
+            if "S" in entry:
+                st.s = entry["S"].to(sdev, torch.float64).clone()
+            bstates[layer] = st
+            if self.engine == "fast" and "inv" in entry and layer in saved.counters:
+                done, refact = saved.counters[layer]
+                solvers[layer] = WoodburySolver.restored(
+                    self.rule, st, self.hparams, entry["inv"].to(sdev, torch.float64).clone(),
+                    done, refact)
+            else:
+                solvers[layer] = self._make_solver(layer, st)
+        return Base(weights=weights, states=bstates, solvers=solvers)
 
 
     @staticmethod
@@ -688,87 +802,10 @@ class Editor:
         return read_edits_metadata(path)
 
 
-def read_edits_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``metadata`` extras stored by :meth:`Editor.save_edits` in ``path``."""
-    meta = _edits_meta(Path(path))
-    try:
-        return dict(json.loads(meta.get("extra") or "{}"))
-    except ValueError as exc:
-        raise EditsFileError(f"{path}: its metadata extras are not valid JSON ({exc})") from None
-
-
-def _edits_meta(path: Path) -> dict[str, str]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-    except Exception as exc:  # safetensors has its own error types for damaged files
-        raise EditsFileError(f"{path} is not a readable safetensors file ({exc})") from None
-    if meta.get("format") != EDITS_FORMAT:
-        raise EditsFileError(f"{path} is not an encore_fast edits file")
-    return meta
-
-
-def _read_edits(path: Path, ed: Editor) -> tuple[list[_Batch], list[str] | None]:
-    """Every check of an edits file against ``ed``, then its batches; changes nothing."""
-    meta = _edits_meta(path)
-    if meta.get("model_fingerprint") != ed.fingerprint:
-        raise EditsFileError(
-            f"{path} was made for another model ({meta.get('model_name')}, fingerprint "
-            f"{str(meta.get('model_fingerprint'))[:12]}); this model's fingerprint is "
-            f"{ed.fingerprint[:12]}")
-    try:
-        saved_cfg = EditConfig.from_dict(json.loads(meta["config"]))
-        records = json.loads(meta["batches"])
-        contexts = json.loads(meta["contexts"]) if "contexts" in meta else None
-        requests = [[EditRequest(**r) for r in reqs] for reqs in records]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise EditsFileError(f"{path}: damaged metadata ({type(exc).__name__}: {exc})") from None
-    if meta.get("method") != ed.method or saved_cfg.layers != ed.hparams.layers:
-        raise EditsFileError(f"{path} holds {meta.get('method')} edits of layers "
-                             f"{saved_cfg.layers}; this editor is {ed.method} on layers "
-                             f"{ed.hparams.layers}")
-    differ = sorted(k for k, v in saved_cfg.to_dict().items() if ed.hparams.to_dict()[k] != v)
-    if differ:
-        warnings.warn(f"{path} was made with other settings ({', '.join(differ)}); its edits "
-                      "are loaded as saved, later batches use this editor's", stacklevel=3)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except Exception as exc:
-        raise EditsFileError(f"{path}: its tensors cannot be read ({exc})") from None
-    if "sha256" in meta and tensors_digest(tensors) != meta["sha256"]:
-        raise EditsFileError(f"{path} is damaged: its data do not match the checksum in its "
-                             "header")
-    batches = []
-    for b, reqs in enumerate(requests):
-        batch = _Batch(requests=reqs)
-        for layer in ed.hparams.layers:
-            names = [f"b{b}.l{layer}.{n}" for n in "UVK"]
-            if any(n not in tensors for n in names):
-                raise EditsFileError(f"{path}: batch {b} lacks the factors of layer {layer}")
-            u, v, k = (tensors[n] for n in names)
-            try:
-                _check_update(layer, k.T, u, v, tuple(ed.view.weight(layer).shape),
-                              ed.view.arch.transposed, n=len(reqs))
-            except EditError as exc:
-                raise EditsFileError(f"{path}: batch {b}: {exc}") from None
-            batch.factors[layer] = (u, v, k)
-        batches.append(batch)
-    return batches, contexts
-
-
-def _check_update(layer: int, keys: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
-                  w_shape: tuple[int, ...], transposed: bool, n: int | None = None) -> None:
-    """Raise :class:`EditError` unless ``Δ = U Vᵀ`` fits the weight and all are finite."""
-    d_out, d_in = (w_shape[1], w_shape[0]) if transposed else (w_shape[0], w_shape[1])
-    n = u.shape[-1] if n is None else n
-    want = {"U": (d_out, n), "V": (d_in, n), "K": (n, d_in)}
-    for name, t in (("U", u), ("V", v), ("K", keys)):
-        if tuple(t.shape) != want[name]:
-            raise EditError(f"layer {layer}: {name} has shape {tuple(t.shape)}, expected "
-                            f"{want[name]} for a weight of shape {w_shape}")
-        if not bool(torch.isfinite(t).all()):
-            raise EditError(f"layer {layer}: {name} has non-finite entries (NaN or inf)")
+def _check_history(history: Any) -> None:
+    if history is not None and (isinstance(history, bool) or not isinstance(history, int)
+                                or history < 0):
+        raise ConfigError(f"history must be None or an integer >= 0, got {history!r}")
 
 
 def _checked_state_device(chosen: Any) -> Any:

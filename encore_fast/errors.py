@@ -38,3 +38,7 @@ class EditError(EncoreFastError, RuntimeError):
 
 class EditorConflictError(EncoreFastError, RuntimeError):
     """A second :class:`~encore_fast.Editor` on a model object another live editor holds."""
+
+
+class HistoryError(EncoreFastError, RuntimeError):
+    """An undo or save that needs batches the bounded history no longer keeps."""

@@ -201,3 +201,54 @@ def test_fixed_evaluation_sample():
     again = Evaluator(FakeEditor().tokenizer, stream(10), EvalSettings(sample=4, seed=1))
     assert len(first) == 4 and [r.index for r in again.records_at(0)] == first
     assert [r.index for r in ev.records_at(5)] == [i for i in first if i < 5]
+
+
+def test_conflicting_records_move_to_the_next_batch():
+    recs = stream(7)
+    twin = EvalRecord(EditRequest("x1 lives in", "x1", "other", "z", case_id=99), "counterfact",
+                      index=99)  # same prompt and subject as record 1, another target
+    order, moved = run_mod.arrange_batches(recs[:3] + [twin] + recs[3:], 3)
+    assert moved == [99]
+    assert [r.index for r in order] == [0, 1, 2, 99, 3, 4, 5, 6]  # front of the next batch
+    for start in range(0, len(order), 3):
+        keys = [(r.request.text, r.request.subject) for r in order[start : start + 3]]
+        assert len(set(keys)) == len(keys)
+    same, none = run_mod.arrange_batches(recs, 3)
+    assert same == recs and none == []
+
+
+def test_deferred_run_snapshots_then_evaluated_like_inline(tmp_path, settings):
+    import dataclasses
+
+    from encore_fast.eval.run import EVALS_FILE, evaluate_snapshots
+    from encore_fast.eval.snapshots import list_snapshots
+
+    inline = go(lambda: FakeEditor(), tmp_path / "inline", settings)
+    deferred = dataclasses.replace(settings, defer=True)
+    out = tmp_path / "deferred"
+    results = go(lambda: FakeEditor(), out, deferred)
+    assert evals_of(results) == []  # the run itself only edits and saves snapshots
+    assert list(list_snapshots(out / "snapshots")) == [0, 2, 4]
+    ed = FakeEditor()
+    evaluate_snapshots(out, ed.model, ed.tokenizer, stream(), settings, progress=False)
+    evaluate_snapshots(out, ed.model, ed.tokenizer, stream(), settings, progress=False)  # no-op
+    got = [x for x in read_results(out / EVALS_FILE) if x["type"] == "eval"]
+    want = [x for x in read_results(inline) if x["type"] == "eval"]
+    strip = lambda x: {k: v for k, v in x.items() if k != "seconds"}  # noqa: E731
+    assert [strip(x) for x in got] == [strip(x) for x in want]
+    with pytest.raises(RunConfigError, match="not the run's edit stream"):
+        evaluate_snapshots(out, ed.model, ed.tokenizer, stream(11)[1:], settings)
+
+
+def test_forgetting_curve_scores_the_first_edited_facts(settings, monkeypatch):
+    import dataclasses
+
+    seen = []
+    ed = FakeEditor()
+    ev = Evaluator(ed.tokenizer, stream(), dataclasses.replace(settings, forgetting=4))
+    monkeypatch.setattr(ev, "_first_facts",
+                        lambda model, first: seen.append([r.index for r in first]) or {})
+    for done in (0, 3, 6, 10):
+        line = ev(ed.model, done)
+        assert ("forgetting" in line) == (done > 0)
+    assert seen == [[0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3]]

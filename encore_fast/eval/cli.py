@@ -28,11 +28,12 @@ from encore_fast.eval.datasets import (
     load_dataset,
 )
 from encore_fast.eval.report import load_run, markdown_table, summarize_run
-from encore_fast.eval.run import EvalSettings, RunConfigError, run_sequential
+from encore_fast.eval.run import EvalSettings, RunConfigError, arrange_batches, run_sequential
 
 DEFAULT_DATASET = "counterfact/counterfact-edit.json"
 DEFAULT_WIKITEXT = "wikitext-2/test.txt"
 DEFAULT_KNOWN = "known_1000.json"
+DEFAULT_DOWNSTREAM = "downstream"
 DTYPES = ("fp32", "bf16", "fp16")
 
 
@@ -118,6 +119,22 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("dataset", "rewrite"),
         help="GE prompts: the data's generation_prompts, or the rewrite prompts",
     )
+    g.add_argument("--downstream", default="none",
+                   help=f"folder of the downstream task files (auto: {DEFAULT_DOWNSTREAM} in "
+                        "the data folder; none: skip, the default)")
+    g.add_argument("--downstream-n", type=positive_int, default=100,
+                   help="test examples per downstream task (default: 100)")
+    g.add_argument("--downstream-shots", type=non_negative_int, default=3,
+                   help="few-shot examples per downstream task (default: 3)")
+    g.add_argument("--realistic", action="store_true",
+                   help="also score greedy generations (real_es, real_ps, real_ns)")
+    g.add_argument("--realistic-neighbours", type=non_negative_int, default=2,
+                   help="neighbourhood prompts per record that are generated (default: 2)")
+    g.add_argument("--forgetting", type=non_negative_int, default=0,
+                   help="also score the first N edited facts at each evaluation (0: off)")
+    g.add_argument("--defer-eval", action="store_true",
+                   help="only save weight snapshots at the evaluation points; evaluate them "
+                        "with 'encore-fast eval-snapshots' (e.g. beside the run)")
     g.add_argument("--score-batch-size", type=positive_int, default=16,
                    help="prompts per forward")
     g.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
@@ -171,6 +188,13 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         ppl_window=args.ppl_window,
         known_facts=_data_file(args.known_facts, DEFAULT_KNOWN, "--known-facts"),
         known_n=args.known_n or None,
+        downstream=_data_file(args.downstream, DEFAULT_DOWNSTREAM, "--downstream"),
+        downstream_n=args.downstream_n,
+        downstream_shots=args.downstream_shots,
+        realistic=args.realistic,
+        realistic_neighbours=args.realistic_neighbours,
+        forgetting=args.forgetting,
+        defer=getattr(args, "defer_eval", False),
     )
 
 
@@ -279,7 +303,8 @@ def run_eval(args: argparse.Namespace) -> int:
         if out.exists() and not out.is_dir():
             raise RunConfigError(f"--out {out}: a file, not a run folder")
         records = records_from_args(args)
-        validate_requests([rec.request for rec in records], None, batch_size=args.batch_size)
+        stream, _ = arrange_batches(records[: args.num_edits], args.batch_size)
+        validate_requests([rec.request for rec in stream], None, batch_size=args.batch_size)
         settings = settings_from_args(args)
         check_eval_data(settings)
         check_model(args.model)
@@ -301,6 +326,48 @@ def run_eval(args: argparse.Namespace) -> int:
         return 2
     print(markdown_table([summarize_run(load_run(out))]), end="")
     print(f"results: {out / 'results.jsonl'}")
+    return 0
+
+
+def add_snapshot_arguments(parser: argparse.ArgumentParser) -> None:
+    """All options of ``encore-fast eval-snapshots``."""
+    parser.add_argument("run", help="run folder (of 'encore-fast eval')")
+    parser.add_argument("--follow", action="store_true",
+                        help="keep waiting for new snapshots until the run's last one")
+    add_common_arguments(parser)
+
+
+def run_eval_snapshots(args: argparse.Namespace) -> int:
+    """Run ``encore-fast eval-snapshots``: evaluate a run's weight snapshots into
+    ``evals.jsonl`` (resumable); prints the summary table."""
+    import json
+
+    from encore_fast.cli import USER_ERRORS, check_model, error_line
+    from encore_fast.eval.run import CONFIG_FILE, evaluate_snapshots
+    from encore_fast.models.loading import load_model
+
+    try:
+        run = Path(args.run)
+        if not (run / CONFIG_FILE).is_file():
+            raise RunConfigError(f"{run}: not a run folder ({CONFIG_FILE} missing)")
+        config = json.loads((run / CONFIG_FILE).read_text(encoding="utf-8"))
+        args.num_edits = config["num_edits"]
+        records = records_from_args(args)
+        settings = settings_from_args(args)
+        check_eval_data(settings)
+        check_model(args.model)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+            args.dtype]
+        model, tokenizer = load_model(args.model, dtype=dtype)
+        model.eval()
+        if settings.wikitext:
+            check_perplexity_text(settings, tokenizer)
+        evaluate_snapshots(run, model, tokenizer, records, settings, follow=args.follow,
+                           progress=not args.quiet)
+    except USER_ERRORS as exc:
+        print(error_line("eval-snapshots", exc), file=sys.stderr)
+        return 2
+    print(markdown_table([summarize_run(load_run(run))]), end="")
     return 0
 
 

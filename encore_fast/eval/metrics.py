@@ -158,8 +158,10 @@ def counterfact_metrics(
     batch_size: int = 16,
     generation_tokens: int = 0,
     generation_source: Literal["dataset", "rewrite"] = "dataset",
+    groups: tuple[str, ...] = ("es", "ps", "ns"),
 ) -> dict[str, float | int | None]:
-    """ES, PS, NS, their harmonic mean S, and optionally GE, over ``records``.
+    """ES, PS, NS (those in ``groups``), their harmonic mean S, and optionally GE, over
+    ``records``.
 
     P(target) is the *mean per-token probability* of the target's tokens, teacher-forced (ROME
     compares mean per-token NLL instead; the two can disagree on multi-token targets).
@@ -178,19 +180,21 @@ def counterfact_metrics(
         if true is None:
             raise ValueError(f"record #{rec.index}: CounterFact metrics need ground_truth")
         neigh_true = rec.neighborhood_answer or true
-        groups = (
+        kinds = (
             ("es", [rec.request.text], true),
             ("ps", rec.paraphrase_prompts, true),
             ("ns", rec.neighborhood_prompts, neigh_true),
         )
-        for group, prompts, truth in groups:
+        for group, prompts, truth in kinds:
+            if group not in groups:
+                continue
             for prompt in prompts:
                 pairs += [(prompt, new), (prompt, truth)]
                 slots.append((r, group))
     scores = score_targets(
         model, tokenizer, [p for p, _ in pairs], [t for _, t in pairs], batch_size
     )
-    hits: dict[str, dict[int, list[bool]]] = {"es": {}, "ps": {}, "ns": {}}
+    hits: dict[str, dict[int, list[bool]]] = {g: {} for g in groups}
     for k, (r, group) in enumerate(slots):
         p_new, p_true = scores[2 * k].mean_prob, scores[2 * k + 1].mean_prob
         ok = p_new > p_true if group in ("es", "ps") else p_true > p_new
@@ -198,7 +202,7 @@ def counterfact_metrics(
     result: dict[str, float | int | None] = {"n_records": len(records)}
     for group, per_record in hits.items():
         result[group] = _mean([sum(h) / len(h) for h in per_record.values()])
-    present = [v for v in (result["es"], result["ps"], result["ns"]) if v is not None]
+    present = [v for v in (result.get(g) for g in ("es", "ps", "ns")) if v is not None]
     result["s"] = harmonic_mean(present) if present else None  # type: ignore[arg-type]
     if generation_tokens > 0:
         texts = []

@@ -17,7 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from encore_fast.eval.report import METRIC_KEYS, RunData, load_run  # noqa: E402
 
-_EXTRA = ("known_acc", "known_retained")
+_EXTRA = ("known_acc", "known_retained", "forgetting.es", "forgetting.real_es",
+          "downstream.mean_f1")
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -109,6 +110,10 @@ def _series(run: RunData, key: str) -> tuple[list[int], list[float]]:
     x, y = [], []
     for line in run.evals:
         value = line.get("metrics", {}).get(key, line.get(key))
+        if "." in key:  # a nested quantity, e.g. "downstream.mean_f1" or "forgetting.es"
+            value = line
+            for part in key.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
         if isinstance(value, int | float) and not isinstance(value, bool):
             x.append(line["edits_done"])
             y.append(float(value))

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from encore_fast.eval.run import CONFIG_FILE, RESULTS_FILE, read_results
+from encore_fast.eval.run import CONFIG_FILE, EVALS_FILE, RESULTS_FILE, read_results
 
 # Edit metrics in display order (CounterFact, then zsRE).
-METRIC_KEYS = ("es", "ps", "ns", "s", "ge", "rewrite_acc", "paraphrase_acc", "neighborhood_acc")
+METRIC_KEYS = ("es", "ps", "ns", "s", "real_es", "real_ps", "real_ns", "ge", "rewrite_acc",
+               "paraphrase_acc", "neighborhood_acc")
 
 
 @dataclass
@@ -61,6 +62,10 @@ def load_run(path: str | os.PathLike[str], label: str | None = None) -> RunData:
     cfg_file = path / CONFIG_FILE
     config = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.exists() else {}
     lines = read_results(path / RESULTS_FILE)
+    deferred = [x for x in read_results(path / EVALS_FILE) if x.get("type") == "eval"]
+    later = {x["batches"] for x in deferred}  # (a snapshot's later evaluation wins)
+    evals = [x for x in lines if x.get("type") == "eval" and x["batches"] not in later]
+    evals = sorted(evals + deferred, key=lambda x: x["batches"])
     info = config.get("run_info") or {}
     label = label or info.get("label") or config.get("method") or path.name
     return RunData(
@@ -68,7 +73,7 @@ def load_run(path: str | os.PathLike[str], label: str | None = None) -> RunData:
         path=path,
         config=config,
         batches=[x for x in lines if x.get("type") == "batch"],
-        evals=[x for x in lines if x.get("type") == "eval"],
+        evals=evals,
     )
 
 
@@ -97,6 +102,9 @@ def summarize_run(run: RunData) -> dict[str, Any]:
         if not b.get("recovered") and secs is not None:
             seconds, timed_edits = seconds + secs, timed_edits + size
     out["sec_per_edit"] = seconds / timed_edits if timed_edits else None
+    down = last.get("downstream") or {}
+    out["downstream_f1"] = down.get("mean_f1")
+    out["forget_es"] = (last.get("forgetting") or {}).get("es")
     return out
 
 

@@ -9,8 +9,16 @@ A run lives in one folder:
   known facts, norms). Lines are appended with flush + fsync; a torn last line is dropped on
   resume.
 * ``edits-NNNNN.safetensors`` -- the editor's state after NNNNN batches (written to a temporary
-  file, then ``os.replace``-d, then the older one removed). Resuming builds a fresh editor,
-  loads the newest file and goes on with the next batch; finished batches are never redone.
+  file, then ``os.replace``-d, then the older one removed). The runner edits with
+  ``history=0``, so this is one compact state (edited matrices, ``S``, solver state, contexts,
+  the requests so far), the same size after 10 batches as after 100. Resuming builds a fresh
+  editor, loads the newest file and goes on with the next batch, bit-for-bit as an
+  uninterrupted run; finished batches are never redone.
+* ``snapshots/weights-NNNNN.safetensors`` -- at every evaluation point, the edited layers'
+  weights as the model holds them (a partial ``state_dict``), so that evaluations can be run
+  later or again (:func:`evaluate_snapshots`, ``encore-fast eval-snapshots``) -- with
+  ``EvalSettings(defer=True)`` the run itself only edits, and a second process evaluates the
+  snapshots (into ``evals.jsonl``) while it goes on.
 """
 
 from __future__ import annotations
@@ -39,10 +47,13 @@ from encore_fast.eval.degradation import (
     perplexity_windows,
 )
 from encore_fast.eval.metrics import evaluate_records
+from encore_fast.eval.snapshots import list_snapshots, load_snapshot, save_snapshot
 from encore_fast.io import atomic_write_text
 
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.jsonl"
+EVALS_FILE = "evals.jsonl"  # evaluations of the snapshots, made after (or beside) the run
+SNAPSHOTS = "snapshots"
 _EDITS = re.compile(r"^edits-(\d{5,})\.safetensors$")
 
 
@@ -64,6 +75,13 @@ class EvalSettings:
     ppl_window: int = 256  # non-overlapping window length
     known_facts: str | None = None  # known_1000.json-style file; None: skip
     known_n: int | None = 200  # first facts of it that are checked; None: all
+    downstream: str | None = None  # folder of the downstream task files; None: skip
+    downstream_n: int = 100  # test examples per task
+    downstream_shots: int = 3  # few-shot examples per task (the head of its file)
+    realistic: bool = False  # greedy-generation accuracy (real_es / real_ps / real_ns)
+    realistic_neighbours: int = 2  # neighbourhood prompts per record that are generated
+    forgetting: int = 0  # > 0: also score the first this many edited facts (es, ps, real_es)
+    defer: bool = False  # the run only saves snapshots; evaluate them with evaluate_snapshots
 
 
 class Evaluator:
@@ -90,13 +108,24 @@ class Evaluator:
             else None
         )
         self.baseline_known: list[int] | None = None
+        self.baseline_answers: dict[str, str] | None = None
+        self.tasks = None
+        if settings.downstream:
+            from encore_fast.eval.downstream import load_tasks
+
+            self.tasks = load_tasks(settings.downstream, shots=settings.downstream_shots,
+                                    n=settings.downstream_n)
 
     def restore(self, lines: Sequence[Mapping[str, Any]]) -> None:
-        """Take the known-fact baseline from the first evaluation of an earlier session."""
+        """Take the baselines (known facts, unedited neighbourhood answers) from the first
+        evaluation of an earlier session."""
         for line in lines:
-            if line.get("type") == "eval" and line.get("known_correct") is not None:
+            if line.get("type") != "eval":
+                continue
+            if self.baseline_known is None and line.get("known_correct") is not None:
                 self.baseline_known = list(line["known_correct"])
-                return
+            if self.baseline_answers is None and line.get("neighbour_answers") is not None:
+                self.baseline_answers = dict(line["neighbour_answers"])
 
     def records_at(self, edits_done: int) -> list[EvalRecord]:
         """Records evaluated after ``edits_done`` edits: the sampled ones already edited
@@ -117,6 +146,16 @@ class Evaluator:
             s.generation_tokens,
             s.generation_source,  # type: ignore[arg-type]
         )
+        if s.realistic:
+            self._realistic(model, records, out)
+        if s.forgetting and edits_done:
+            first = self.stream[: min(s.forgetting, edits_done)]
+            out["forgetting"] = self._first_facts(model, first)
+        if self.tasks is not None:
+            from encore_fast.eval.downstream import evaluate_downstream
+
+            out["downstream"] = evaluate_downstream(model, self.tokenizer, self.tasks,
+                                                    s.batch_size)
         if self.windows is not None:
             out["perplexity"] = perplexity(model, self.windows)
         if self.facts is not None:
@@ -129,6 +168,37 @@ class Evaluator:
             kept = set(correct)
             base = self.baseline_known
             out["known_retained"] = sum(i in kept for i in base) / len(base) if base else None
+        return out
+
+
+    def _realistic(self, model: Any, records: Sequence[EvalRecord], out: dict[str, Any]) -> None:
+        from encore_fast.eval.generation import realistic_metrics
+
+        s = self.settings
+        real, answers = realistic_metrics(model, self.tokenizer, records,
+                                          self.baseline_answers, s.realistic_neighbours,
+                                          s.batch_size)
+        if self.baseline_answers is None:  # the unedited model's answers: the baseline
+            self.baseline_answers = answers
+            out["neighbour_answers"] = answers
+            real["real_ns"] = 1.0
+        out["metrics"].update(real)
+
+    def _first_facts(self, model: Any, first: Sequence[EvalRecord]) -> dict[str, Any]:
+        """ES, PS (and real_es) on the first edited facts: do early edits survive?"""
+        s = self.settings
+        if first[0].kind != "counterfact":
+            return evaluate_records(model, self.tokenizer, first, s.batch_size)
+        from encore_fast.eval.metrics import counterfact_metrics
+
+        out = dict(counterfact_metrics(model, self.tokenizer, first, s.batch_size,
+                                       groups=("es", "ps")))
+        if s.realistic:
+            from encore_fast.eval.generation import realistic_metrics
+
+            real, _ = realistic_metrics(model, self.tokenizer, first, None, 0, s.batch_size,
+                                        groups=("es",))
+            out.update(real)
         return out
 
 
@@ -160,7 +230,11 @@ def run_sequential(
         raise ValueError(f"num_edits must be in 1..{len(records)}, got {n}")
     if batch_size < 1 or eval_every < 0:
         raise ValueError("batch_size must be >= 1 and eval_every >= 0")
-    stream = list(records[:n])
+    stream, moved = arrange_batches(records[:n], batch_size)
+    if moved:
+        warnings.warn(f"{len(moved)} record(s) of the stream repeat or contradict another one "
+                      f"of their batch (same prompt and subject): moved to the next batch "
+                      f"(records {moved[:10]})", stacklevel=2)
     batches = [stream[i : i + batch_size] for i in range(0, n, batch_size)]
     if (out / CONFIG_FILE).exists() and not resume:  # before a model is loaded
         raise RunConfigError(
@@ -168,6 +242,8 @@ def run_sequential(
         )
     is_factory = isinstance(editor, type) or not hasattr(editor, "edit")
     ed = editor() if is_factory else editor  # (a bad setting fails here: nothing written yet)
+    if getattr(ed, "history", 0) != 0:
+        ed.history = 0  # checkpoints hold the current state only (no undo inside a run)
     out.mkdir(parents=True, exist_ok=True)
     config = _json_safe(
         {
@@ -177,7 +253,7 @@ def run_sequential(
             "batch_size": batch_size,
             "eval_every": eval_every,
             "stream_sha256": _stream_hash(stream),
-            "settings": dataclasses.asdict(settings),
+            "settings": {"defer": True} if settings.defer else dataclasses.asdict(settings),
             "run_info": dict(run_info or {}),
         }
     )
@@ -200,16 +276,23 @@ def run_sequential(
         append_jsonl(results, line)
         lines.append(_json_safe(line))
 
-    evaluator = Evaluator(ed.tokenizer, stream, settings)
-    evaluator.restore(lines)
+    evaluator = None if settings.defer else Evaluator(ed.tokenizer, stream, settings)
+    if evaluator is not None:
+        evaluator.restore(lines)
     evaluated = {line["batches"] for line in lines if line.get("type") == "eval"}
 
     def evaluate_if_due(done: int) -> dict[str, Any] | None:
         due = done == 0 or done == len(batches) or (eval_every and done % eval_every == 0)
-        if not due or done in evaluated:
+        if not due:
+            return None
+        edits_done = sum(len(b) for b in batches[:done])
+        snap = out / SNAPSHOTS / f"weights-{done:05d}.safetensors"
+        if not snap.exists():
+            save_snapshot(ed, snap, {"batches": done, "edits_done": edits_done,
+                                     "weight_norms": ed.weight_norms()})
+        if evaluator is None or done in evaluated:
             return None
         start = time.perf_counter()
-        edits_done = sum(len(b) for b in batches[:done])
         line = {"type": "eval", "batches": done, "edits_done": edits_done}
         line.update(evaluator(ed.model, edits_done))
         line["weight_norms"] = ed.weight_norms()
@@ -246,6 +329,89 @@ def run_sequential(
     if make_plots:
         _plot(out)
     return results
+
+
+def evaluate_snapshots(
+    run_dir: str | os.PathLike[str],
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[EvalRecord],
+    settings: EvalSettings,
+    *,
+    follow: bool = False,
+    poll_seconds: float = 60.0,
+    progress: bool = True,
+) -> Path:
+    """Evaluate every snapshot of a run (oldest first) that ``evals.jsonl`` does not hold yet.
+
+    ``model`` is a fresh copy of the run's original model (same dtype): each snapshot's weights
+    are put into it in turn. ``records`` is the run's stream (checked against its hash).
+    Resumable: finished evaluations are kept, a torn last line dropped. ``follow``: keep
+    waiting for new snapshots while the run goes on, until the last batch's one is done.
+    """
+    out = Path(run_dir)
+    cfg_path = out / CONFIG_FILE
+    if not cfg_path.exists():
+        raise RunConfigError(f"{out} holds no run ({CONFIG_FILE} missing)")
+    config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    stream, _ = arrange_batches(records[: config["num_edits"]], config["batch_size"])
+    if len(stream) != config["num_edits"] or _stream_hash(stream) != config["stream_sha256"]:
+        raise RunConfigError(f"{out}: the records given are not the run's edit stream")
+    n_batches = -(-config["num_edits"] // config["batch_size"])
+    evals = out / EVALS_FILE
+    lines = read_results(evals, repair=True)
+    evaluator = Evaluator(tokenizer, stream, settings)
+    evaluator.restore(lines)
+    done = {line["batches"] for line in lines if line.get("type") == "eval"}
+    from encore_fast.models.fingerprint import model_fingerprint
+
+    fingerprint = model_fingerprint(model)  # (of the original weights, before any snapshot)
+    bar = tqdm(desc=f"evaluating {out.name}", unit="snapshot", disable=not progress)
+    try:
+        while True:
+            todo = {b: p for b, p in list_snapshots(out / SNAPSHOTS).items() if b not in done}
+            if 0 not in done and 0 not in todo:
+                raise RunConfigError(f"{out}: no snapshot of the unedited model (0 batches)")
+            for b, path in todo.items():
+                start = time.perf_counter()
+                info = load_snapshot(model, path, fingerprint)
+                line = {"type": "eval", "batches": b, "edits_done": info["edits_done"]}
+                line.update(evaluator(model, info["edits_done"]))
+                line["weight_norms"] = info.get("weight_norms")
+                line["seconds"] = time.perf_counter() - start
+                append_jsonl(evals, line)
+                done.add(b)
+                bar.update(1)
+                _show(bar, line)
+            if not follow or n_batches in done:
+                break
+            time.sleep(poll_seconds)
+    finally:
+        bar.close()
+    return evals
+
+
+def arrange_batches(records: Sequence[EvalRecord], batch_size: int) -> tuple[
+        list[EvalRecord], list[int]]:
+    """The stream in the order it is edited: a record whose prompt and subject already occur
+    in its batch (a repeat, or another target for the same fact, which one batch cannot
+    hold) moves to the front of the next batch that has room for it; the order is otherwise
+    kept. Returns the records and the indices of those moved."""
+    remaining, out, moved = list(records), [], []
+    while remaining:
+        batch, keys, rest = [], set(), []
+        for rec in remaining:
+            key = (rec.request.text, rec.request.subject)
+            if len(batch) == batch_size or key in keys:
+                if key in keys and rec.index not in moved:
+                    moved.append(rec.index)
+                rest.append(rec)
+                continue
+            keys.add(key)
+            batch.append(rec)
+        out += batch
+        remaining = rest
+    return out, moved
 
 
 # --- results file --------------------------------------------------------------------------

@@ -113,6 +113,10 @@ class FakeEditor:
         self.tokenizer = WordTokenizer(list(words))
         self.model = LookupLM(len(self.tokenizer))
         self.hparams = SimpleNamespace(layers=[1, 2])
+        self.view = SimpleNamespace(weight=lambda layer: self.model.table)  # (for snapshots)
+        from encore_fast.models.fingerprint import model_fingerprint
+
+        self.fingerprint = model_fingerprint(self.model)
         self.log = log if log is not None else []
         self.fail_at = fail_at
         self.batches: list[list] = []

@@ -51,6 +51,10 @@ class DirectSolver:
     def discard(self) -> None:
         """Nothing kept between solve and after_batch."""
 
+    def copy(self, state: LayerState) -> DirectSolver:
+        """The same solver over ``state`` (it keeps nothing of its own)."""
+        return DirectSolver(self.rule, state, self.cfg)
+
 
 class WoodburySolver:
     """Per-layer solver state for any update rule; same ``V`` as ``rule.solve``. It keeps the
@@ -65,6 +69,28 @@ class WoodburySolver:
         self.refactorisations = 0
         self.inv = self._fresh_inverse()
         self._pending: tuple[torch.Tensor, ...] | None = None
+
+    def copy(self, state: LayerState) -> WoodburySolver:
+        """This solver's inverse and counters, over ``state`` (which must hold the same
+        ``C0`` and ``S``): the base of a bounded history, and restoring from it."""
+        return WoodburySolver.restored(self.rule, state, self.cfg, self.inv.clone(),
+                                       self.batches, self.refactorisations,
+                                       self.check_every, self.tolerance)
+
+    @classmethod
+    def restored(cls, rule: UpdateRule, state: LayerState, cfg: EditConfig,
+                 inv: torch.Tensor, batches: int, refactorisations: int,
+                 check_every: int = 10, tolerance: float = 1e-8) -> WoodburySolver:
+        """A solver with a saved inverse and counters (no factorisation): what a checkpoint
+        restores, so that the next batches run the very operations of an uninterrupted run."""
+        self = cls.__new__(cls)
+        self.rule, self.state, self.cfg = rule, state, cfg
+        self.general = not rule.symmetric
+        self.check_every, self.tolerance = check_every, tolerance
+        self.batches, self.refactorisations = batches, refactorisations
+        self.inv = inv
+        self._pending = None
+        return self
 
     def base_matrix(self) -> torch.Tensor:
         """The matrix whose inverse is kept, as the rule states it."""

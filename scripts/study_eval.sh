@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Evaluate the snapshots of a study run (scripts/study_run.sh) as they appear, on one thread:
+# ES/PS/NS/S and realistic accuracy on a fixed sample of 300 edited facts, the forgetting curve
+# (first 1,000 facts), the six downstream tasks, WikiText-2 perplexity, 200 known facts.
+#   bash scripts/study_eval.sh encore [--follow]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+METHOD=${1:-encore}
+shift || true
+OUT=${OUT:-runs/study/$METHOD}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec .venv/bin/encore-fast eval-snapshots "$OUT" --dtype bf16 --eval-sample 300 --realistic \
+  --forgetting 1000 --downstream auto --quiet "$@"

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One sequential run of the 10,000-edit study (issue 15): SmolLM2-135M, bf16 with fp32 master
+# weights, counterfact-edit.json in batches of 100, weight snapshots every 1,000 edits
+# (evaluated beside it by scripts/study_eval.sh). Resumable: run it again to continue.
+#   bash scripts/study_run.sh encore 10000
+set -euo pipefail
+cd "$(dirname "$0")/.."
+METHOD=${1:-encore}
+N=${2:-10000}
+OUT=${OUT:-runs/study/$METHOD}
+RESUME=()
+[ -f "$OUT/config.json" ] && RESUME=(--resume)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec .venv/bin/encore-fast eval --method "$METHOD" --dtype bf16 --num-edits "$N" \
+  --batch-size 100 --eval-every 10 --defer-eval --out "$OUT" --no-plots "${RESUME[@]}"
