@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import multiprocessing
-import socket
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Any
 
 import torch
 from csv_rows import append_rows
+
+from encore_fast.distributed import free_port
 
 LAYERS = [4, 5, 6, 7, 8]
 SHAPES = {  # d_model, d_ff (the edited matrix is d_ff -> d_model), edited layers, batch
@@ -72,12 +73,6 @@ def _rank(rank: int, world: int, port: int, texts: list[str], out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--texts", type=int, default=200, help="WikiText-2 paragraphs for C0")
@@ -97,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     single = _stats(texts, None)
     t_one = time.perf_counter() - t0
 
-    out = Path(f"/tmp/bench_distributed_{_free_port()}.pt")
+    out = Path(f"/tmp/bench_distributed_{free_port()}.pt")
     ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank, args=(r, args.world, port, texts, str(out)))
              for r in range(args.world)]
     for proc in procs:

@@ -40,18 +40,16 @@ from encore_fast.models.arch import ArchSpec, ModelView
 from encore_fast.models.fingerprint import model_fingerprint, weights_fingerprint
 from encore_fast.models.hooks import editing_mode
 from encore_fast.models.loading import load_model, prepare_tokenizer
-from encore_fast.models.placement import input_device
 from encore_fast.paths import default_corpus
 from encore_fast.requests import (
     EditRequest,
     as_requests,
     encode,
-    read_requests_file,
     validate_requests,
 )
-from encore_fast.stats import check_second_moments, second_moments
+from encore_fast.stats import check_second_moments, sample_corpus, second_moments
 from encore_fast.values.keys import SubjectForwards
-from encore_fast.values.prompts import build_value_prompts
+from encore_fast.values.prompts import PromptTokens, build_value_prompts
 from encore_fast.values.templates import generate_context_templates
 
 ENGINES = ("reference", "fast")
@@ -381,13 +379,14 @@ class Editor:
         """Values, then every layer's update (applied, as the next layer's keys need it), then
         ``S`` and the solvers; on any failure the applied layers are put back."""
         t0 = time.perf_counter()
-        values = self._shared_values(reqs, bar)
+        tokens = PromptTokens(self.tokenizer)  # (value prompts and key passes share them)
+        values = self._shared_values(reqs, bar, tokens)
         zs = self._checked_values(reqs, values)
         t1 = time.perf_counter()
         if self.group is None:
-            batch, keys64, w_norms, d_norms = self._update_layers(reqs, zs)
+            batch, keys64, w_norms, d_norms = self._update_layers(reqs, zs, tokens)
         else:
-            batch, keys64, w_norms, d_norms = self._update_from_main(reqs, zs)
+            batch, keys64, w_norms, d_norms = self._update_from_main(reqs, zs, tokens)
         self._commit(batch, keys64, solved=self.group is None or self.group.is_main)
         t2 = time.perf_counter()
         return BatchReport(
@@ -397,17 +396,18 @@ class Editor:
             seconds_update=t2 - t1,
         )
 
-    def _shared_values(self, reqs: list[EditRequest], bar: Any) -> list[Any]:
+    def _shared_values(self, reqs: list[EditRequest], bar: Any,
+                       tokens: PromptTokens) -> list[Any]:
         """The values of all ``reqs``: in one process, or each rank its share, then gathered
         (every rank gets all of them, in request order, on its own device)."""
         group = self.group
         if group is None:
-            return self._optimize_values(reqs, bar)
+            return self._optimize_values(reqs, bar, tokens)
         mine: list[Any] = []
         error = None
         try:
             share = reqs[group.share(len(reqs))]
-            mine = self._optimize_values(share, bar) if share else []
+            mine = self._optimize_values(share, bar, tokens) if share else []
         except Exception as exc:  # told to the other ranks, then raised here too
             error = exc
         what = f"batch {self.num_batches}: value optimisation"
@@ -418,7 +418,8 @@ class Editor:
         dev = self.view.device
         return [replace(v, z=v.z.to(dev), h0=v.h0.to(dev)) for part in parts for v in part]
 
-    def _update_from_main(self, reqs: list[EditRequest], zs: torch.Tensor) -> tuple[
+    def _update_from_main(self, reqs: list[EditRequest], zs: torch.Tensor,
+                          tokens: PromptTokens) -> tuple[
             Batch, dict[int, torch.Tensor], dict[int, float], dict[int, float]]:
         """Rank 0 solves and applies the batch's update, then sends its factors; the other
         ranks apply those very factors (so every rank's weights stay bit-identical)."""
@@ -427,7 +428,7 @@ class Editor:
         what = f"batch {self.num_batches}: the update"
         if group.is_main:
             try:
-                batch, keys64, w_norms, d_norms = self._update_layers(reqs, zs)
+                batch, keys64, w_norms, d_norms = self._update_layers(reqs, zs, tokens)
             except Exception as exc:
                 group.broadcast(("error", f"{type(exc).__name__}: {exc}"), what)
                 raise
@@ -439,18 +440,22 @@ class Editor:
                             f"on any rank): {payload}")
         factors, w_norms, d_norms = payload
         batch = Batch(requests=list(reqs), factors=factors)
-        states = self.layer_states()
-        with torch.no_grad():
-            for layer, (u, v, _k) in factors.items():
-                self._apply(layer, u, v)
-        keys64 = {layer: k.to(states[layer].c0.device).double()
-                  for layer, (_u, _v, k) in factors.items()}
-        return batch, keys64, w_norms, d_norms
+        return batch, self._apply_factors(batch), w_norms, d_norms
 
-    def _optimize_values(self, reqs: list[EditRequest], bar: Any) -> list[Any]:
+    def _apply_factors(self, batch: Batch) -> dict[int, torch.Tensor]:
+        """Apply a batch's saved factors to the weights (no solve); its keys for the fold."""
+        states = self.layer_states()
+        keys64 = {}
+        for layer, (u, v, k) in batch.factors.items():
+            self._apply(layer, u, v)
+            keys64[layer] = k.to(states[layer].c0.device).double()
+        return keys64
+
+    def _optimize_values(self, reqs: list[EditRequest], bar: Any,
+                         tokens: PromptTokens) -> list[Any]:
         """The target value ``z`` of every request (changes no weight)."""
         cfg, contexts = self.hparams, self.context_templates
-        prompts = [build_value_prompts(self.tokenizer, r, contexts) for r in reqs]
+        prompts = [build_value_prompts(self.tokenizer, r, contexts, tokens) for r in reqs]
         if self.engine == "fast":
             from encore_fast.values.fast import optimize_values
 
@@ -492,7 +497,8 @@ class Editor:
                 "still enter the update and S)", stacklevel=4)
         return torch.stack([v.z for v in values])
 
-    def _update_layers(self, reqs: list[EditRequest], zs: torch.Tensor) -> tuple[
+    def _update_layers(self, reqs: list[EditRequest], zs: torch.Tensor,
+                       tokens: PromptTokens | None = None) -> tuple[
             Batch, dict[int, torch.Tensor], dict[int, float], dict[int, float]]:
         """Solve and apply each layer's update in turn; roll all of them back on failure."""
         cfg, view = self.hparams, self.view
@@ -505,7 +511,8 @@ class Editor:
         layer = cfg.layers[0]
         try:
             fwd = SubjectForwards(view, self.tokenizer, reqs, self.context_templates,
-                                  reuse_below=cfg.layers[0] if self.engine == "fast" else None)
+                                  reuse_below=cfg.layers[0] if self.engine == "fast" else None,
+                                  tokens=tokens)
             for i, layer in enumerate(cfg.layers):
                 fwd.freeze_below(layer)  # the layers before it are final for this batch
                 keys = fwd.keys(layer)
@@ -665,17 +672,12 @@ class Editor:
         """Set weights, ``S`` and solver state to the base (or the original) + the given
         batches, applied in order: the same operations on the same inputs as when they were
         first applied, so the result is bit-for-bit that of the editor that applied them."""
-        states = self.layer_states()
         self._restore_base()
         self._history = []
         for layer in self.hparams.layers:
             self._solver(layer)  # made from S = 0, as before a first batch
         for batch in batches:
-            keys64 = {}
-            for layer, (u, v, k) in batch.factors.items():
-                self._apply(layer, u, v)
-                keys64[layer] = k.to(states[layer].c0.device).double()
-            self._commit(batch, keys64, solved=False)
+            self._commit(batch, self._apply_factors(batch), solved=False)
 
     def _solver(self, layer: int) -> DirectSolver | WoodburySolver:
         """The solver of ``layer``: Woodbury (fast engine, built from ``C0`` and ``S``) or the
@@ -820,26 +822,3 @@ def _checked_state_device(chosen: Any) -> Any:
             where = "state_device" if layer is None else f"state_device[{layer}]"
             raise ConfigError(f"{where} = {dev!r} is not a device ({exc})") from None
     return chosen
-
-
-@torch.no_grad()
-def sample_corpus(model: torch.nn.Module, tokenizer: Any, n: int = 64, length: int = 64,
-                  seed: int = 0) -> list[str]:
-    """Texts sampled from the model itself: the fallback corpus for ``C0`` when no text is
-    available offline (a warning says so; real text is better)."""
-    warnings.warn("no corpus given and no WikiText-2 found: estimating C0 from text sampled "
-                  "from the model (pass corpus=... for real text)", stacklevel=3)
-    torch.manual_seed(seed)
-    device = input_device(model)
-    starts = ["The", "In", "A", "It", "He", "She", "This", "When"]
-    prompts = [starts[i % len(starts)] for i in range(n)]
-    ids = [encode(tokenizer, p) for p in prompts]
-    x = torch.tensor(ids, device=device)
-    out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=True, top_k=50,
-                         max_new_tokens=length, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.batch_decode(out, skip_special_tokens=True)
-
-
-def edit_requests_from_json(path: str | os.PathLike) -> list[EditRequest]:
-    """Requests from a JSON list or JSON-lines file (see :func:`requests.read_requests_file`)."""
-    return read_requests_file(path)

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from encore_fast.errors import EncoreFastError, StatsError
 from encore_fast.io import atomic_save, tensors_digest
 from encore_fast.models.arch import ModelView
 from encore_fast.models.hooks import capture_mlp_inputs, run_until
+from encore_fast.models.placement import input_device
+from encore_fast.requests import encode
 
 
 class StatsCacheError(EncoreFastError, RuntimeError):
@@ -93,6 +96,9 @@ def _texts_from_hub(name: str) -> Iterator[str]:
 
 # ----------------------------------------------------------------------------- computation
 
+CHECKPOINT_EVERY = 50  # batches of texts between checkpoints of an interrupted pass
+
+
 @torch.no_grad()
 def accumulate_second_moments(
     view: ModelView,
@@ -104,16 +110,19 @@ def accumulate_second_moments(
     batch_size: int = 8,
     state: dict[str, Any] | None = None,
     checkpoint: Any = None,
-    checkpoint_every: int = 50,
+    checkpoint_every: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Sum ``k kᵀ`` over all non-padding tokens of ``texts`` for every layer in one pass.
 
     Returns a state dict ``{"sums": {layer: fp32 [d,d] (upper triangle valid)}, "tokens": int,
     "texts_done": int}``. ``state`` continues an earlier partial run; ``checkpoint(state)`` is
-    called every ``checkpoint_every`` batches so an interrupted run can resume.
+    called every ``checkpoint_every`` batches (default :data:`CHECKPOINT_EVERY`) so an
+    interrupted run can resume.
     """
     from encore_fast.kernels import covariance_update_
+
+    every = checkpoint_every or CHECKPOINT_EVERY
 
     device = view.device
     if state is None:
@@ -140,7 +149,7 @@ def accumulate_second_moments(
             state["tokens"] += int(mask.sum())
             state["texts_done"] += len(chunk)
             bar.update(len(chunk))
-            if checkpoint is not None and (b + 1) % checkpoint_every == 0:
+            if checkpoint is not None and (b + 1) % every == 0:
                 checkpoint(state)
     bar.close()
     return state
@@ -274,15 +283,7 @@ def second_moments(
     folder = root / safe_name / family / f"{corpus_id}-n{n_used}-len{max_length}"
     files = {layer: folder / f"layer{layer}-{dtype}-{fingerprint[:12]}.safetensors"
              for layer in layers}
-    result: dict[int, torch.Tensor] = {}
-    for layer, path in files.items():
-        if path.exists():
-            result[layer] = _load_checked(path, layer, view.d_in(layer), fingerprint=fingerprint)
-        elif weights_fingerprint is not None and dtype in ("bfloat16", "float16"):
-            for other in sorted(folder.glob(f"layer{layer}-float32-*.safetensors")):
-                result[layer] = _load_checked(other, layer, view.d_in(layer),
-                                              weights_fingerprint=weights_fingerprint)
-                break
+    result = _from_cache(view, files, fingerprint, weights_fingerprint)
     missing = [layer for layer in layers if layer not in result]
     if group is not None:  # what one rank lacks, all compute (the pass is collective)
         missing = sorted(set().union(*group.gather(missing, "checking the statistics cache")))
@@ -306,10 +307,9 @@ def second_moments(
                                 batch_size=batch_size, state=state, checkpoint=checkpoint,
                                 progress=progress and (group is None or group.is_main))
     for layer, c0 in finalize(state).items():
-        result[layer] = c0.cpu()
+        c0 = result[layer] = c0.cpu()
         if group is not None and not group.is_main:
             continue
-        c0 = c0.cpu()
         meta = {"fingerprint": fingerprint, "weights_fingerprint": weights_fingerprint or "",
                 "dtype": dtype, "layer": str(layer), "corpus": corpus_id,
                 "n_samples": str(n_used), "max_length": str(max_length),
@@ -320,6 +320,22 @@ def second_moments(
     if group is not None:
         group.barrier("writing the statistics cache")
     return {layer: result[layer].to(view.device) for layer in layers}
+
+
+def _from_cache(view: ModelView, files: dict[int, Path], fingerprint: str,
+                weights_fingerprint: str | None) -> dict[int, torch.Tensor]:
+    """The layers' ``C0`` found in the cache: this model's own entries, or (16-bit model) the
+    fp32 entries of the same weights."""
+    result: dict[int, torch.Tensor] = {}
+    for layer, path in files.items():
+        if path.exists():
+            result[layer] = _load_checked(path, layer, view.d_in(layer), fingerprint=fingerprint)
+        elif weights_fingerprint is not None and view.dtype_name in ("bfloat16", "float16"):
+            for other in sorted(path.parent.glob(f"layer{layer}-float32-*.safetensors")):
+                result[layer] = _load_checked(other, layer, view.d_in(layer),
+                                              weights_fingerprint=weights_fingerprint)
+                break
+    return result
 
 
 def _load_checked(path: Path, layer: int, d_in: int, *, fingerprint: str | None = None,
@@ -378,3 +394,21 @@ def _load_partial(path: Path, layers: list[int], fingerprint: str) -> dict[str, 
         "tokens": int(meta["tokens"]),
         "texts_done": int(meta["texts_done"]),
     }
+
+
+@torch.no_grad()
+def sample_corpus(model: torch.nn.Module, tokenizer: Any, n: int = 64, length: int = 64,
+                  seed: int = 0) -> list[str]:
+    """Texts sampled from the model itself: the fallback corpus for ``C0`` when no text is
+    available offline (a warning says so; real text is better)."""
+    warnings.warn("no corpus given and no WikiText-2 found: estimating C0 from text sampled "
+                  "from the model (pass corpus=... for real text)", stacklevel=3)
+    torch.manual_seed(seed)
+    device = input_device(model)
+    starts = ["The", "In", "A", "It", "He", "She", "This", "When"]
+    prompts = [starts[i % len(starts)] for i in range(n)]
+    ids = [encode(tokenizer, p) for p in prompts]
+    x = torch.tensor(ids, device=device)
+    out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=True, top_k=50,
+                         max_new_tokens=length, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(out, skip_special_tokens=True)

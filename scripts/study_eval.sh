@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 METHOD=${1:-encore}
 shift || true
-OUT=${OUT:-runs/study/$METHOD}
+# (outside the checkout, so that a run can span sessions; runs/study may link to it)
+OUT=${OUT:-${STUDY_DIR:-$HOME/.cache/encore_fast/study}/$METHOD}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec .venv/bin/encore-fast eval-snapshots "$OUT" --dtype bf16 --eval-sample 300 --realistic \
   --forgetting 1000 --downstream auto --quiet "$@"

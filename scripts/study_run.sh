@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 METHOD=${1:-encore}
 N=${2:-10000}
-OUT=${OUT:-runs/study/$METHOD}
+# (outside the checkout, so that a run can span sessions; runs/study may link to it)
+OUT=${OUT:-${STUDY_DIR:-$HOME/.cache/encore_fast/study}/$METHOD}
 RESUME=()
 [ -f "$OUT/config.json" ] && RESUME=(--resume)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

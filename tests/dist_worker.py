@@ -19,6 +19,7 @@ import torch.distributed as dist
 SETTINGS = dict(layers=[2, 3], v_num_grad_steps=4, stats_samples=16, stats_max_length=32,
                 lambda_p=10.0, lambda_n=1.0)
 TIMEOUT_S = 20  # the process group's: how long a rank waits for one that died
+STATS_RESUME = dict(stats_samples=32)
 
 
 def load_tiny(tiny_dir: str) -> tuple[Any, Any]:
@@ -30,12 +31,12 @@ def load_tiny(tiny_dir: str) -> tuple[Any, Any]:
 
 
 def edit_tiny(model: Any, tok: Any, corpus: str, requests: list[dict], out: Path,
-              group: Any = None, cache: Any = False) -> dict[str, Any]:
+              group: Any = None, cache: Any = False, **over: Any) -> dict[str, Any]:
     """C0, then the requests in batches of 6; the edited weights and the steps."""
     from encore_fast.editor import Editor
 
     ed = Editor(model, tok, "encore", preset=None, corpus=corpus, stats_cache=cache,
-                progress=False, process_group=group, **SETTINGS)
+                progress=False, process_group=group, **{**SETTINGS, **over})
     c0 = {l: st.c0.clone() for l, st in ed.layer_states().items()}
     reports = ed.edit(requests, batch_size=6)
     ed.save_edits(out / "edits.safetensors")
@@ -60,8 +61,23 @@ def run_rank(rank: int, world: int, port: int, scenario: str, tiny_dir: str, cor
             model.model.layers[0].register_forward_pre_hook(poisoned)
         if scenario == "die" and rank == 1:
             os._exit(3)  # no error, no goodbye: the others must not wait forever
-        cache = out_dir / "cache" if scenario == "cache" else False
-        result = edit_tiny(model, tok, corpus, requests, out_dir, group=None, cache=cache)
+        over: dict[str, Any] = {}
+        if scenario in ("interrupt", "resume"):  # 16 texts per rank: two batches of 8
+            import encore_fast.stats as stats
+
+            stats.CHECKPOINT_EVERY = 1
+            over = STATS_RESUME
+        if scenario == "interrupt" and rank == 1:
+            calls = [0]
+
+            def second_batch_fails(*_args: Any) -> None:
+                calls[0] += 1
+                if calls[0] == 2:
+                    raise ValueError("interrupted in rank 1's second batch")
+            model.model.layers[0].register_forward_pre_hook(second_batch_fails)
+        cache = out_dir / "cache" if scenario in ("cache", "interrupt", "resume") else False
+        result = edit_tiny(model, tok, corpus, requests, out_dir, group=None, cache=cache,
+                           **over)
     except Exception as exc:
         result = dict(error=type(exc).__name__, message=str(exc),
                       trace=traceback.format_exc())

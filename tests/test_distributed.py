@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,18 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_worker import SETTINGS, TIMEOUT_S, edit_tiny, load_tiny, run_rank
+from dist_worker import SETTINGS, STATS_RESUME, TIMEOUT_S, edit_tiny, load_tiny, run_rank
 from helpers import counterfact_requests
 from safetensors.torch import load_file
 
+from encore_fast.distributed import free_port
+
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_group(scenario: str, tiny_dir: Path, corpus: Path, out: Path, requests: list[dict],
@@ -38,7 +33,7 @@ def _run_group(scenario: str, tiny_dir: Path, corpus: Path, out: Path, requests:
     """Start ``world`` ranks, wait for them (bounded), return what each wrote."""
     out.mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=run_rank, args=(r, world, port, scenario, str(tiny_dir),
                                                 str(corpus), str(out), requests))
              for r in range(world)]
@@ -90,6 +85,26 @@ def test_two_ranks_edit_like_one_process(tiny_dir, corpus, requests, tmp_path):
     assert files == ["layer2", "layer3"]
     edits = load_file(tmp_path / "dist" / "edits.safetensors")
     assert {k.split(".")[0] for k in edits} == {"b0", "b1", "b2"}
+
+
+def test_interrupted_statistics_resume_per_rank(tiny_dir, corpus, tmp_path):
+    out = tmp_path / "dist"
+    first = _run_group("interrupt", tiny_dir, corpus, out, [])
+    assert first[1]["error"] == "ValueError" and first[0]["error"] == "DistributedError"
+    partials = sorted(p.name.split("-")[-1] for p in (out / "cache").rglob("partial-*"))
+    assert partials == ["rank0of2.safetensors", "rank1of2.safetensors"]  # each its own share
+    again = _run_group("resume", tiny_dir, corpus, out, [])
+    for r, got in enumerate(again):
+        assert "error" not in got, f"rank {r}: {got.get('trace')}"
+    assert not list((out / "cache").rglob("partial-*"))
+    model, tok = load_tiny(str(tiny_dir))
+    torch.set_num_threads(1)
+    single = edit_tiny(model, tok, str(corpus), [], tmp_path, **STATS_RESUME)
+    for layer in SETTINGS["layers"]:
+        c0 = single["c0"][layer]
+        for got in again:  # resumed from both ranks' checkpoints: the C0 of all the texts
+            torch.testing.assert_close(got["c0"][layer], c0, rtol=1e-5,
+                                       atol=1e-6 * float(c0.abs().max()))
 
 
 @pytest.mark.parametrize("scenario", ["raise", "die"])

@@ -14,7 +14,7 @@ from encore_fast.methods import LayerState, get_rule
 from encore_fast.methods.solver import WoodburySolver
 from encore_fast.models import ModelView
 from encore_fast.requests import EditRequest
-from encore_fast.values import fast, reference
+from encore_fast.values import attention, fast, packing, reference
 from encore_fast.values.prompts import build_value_prompts
 
 CONTEXTS = ["{}", "Once upon a time. {}", "I think. {}"]
@@ -99,7 +99,7 @@ def test_three_batches_match_reference(tiny_models, tokenizer, corpus, data_dir,
 
 def test_pack_places_every_item_once_within_the_width():
     lengths = [5, 1, 1, 3, 2, 5, 4, 1, 2, 2, 3]
-    rows = fast._pack(lengths)
+    rows = packing.pack(lengths)
     placed = sorted(i for row in rows for i in row)
     assert placed == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in row) <= max(lengths) for row in rows)
@@ -127,10 +127,10 @@ def test_packed_attention_matches_naive_with_fixed_prefix():
     allowed[..., p_len:] |= torch.eye(q_len, dtype=torch.bool)  # no empty rows
     mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
     module = torch.nn.Linear(1, 1)
-    fixed = fast._Fixed()
+    fixed = attention.Fixed()
     fixed.prefix = {module: (k_pre, v_pre)}
     with _fixed_only(fixed):
-        got, _ = fast.packed_attention(module, q, k_new, v_new, mask, scaling=0.3)
+        got, _ = attention.packed_attention(module, q, k_new, v_new, mask, scaling=0.3)
     want = _naive_attention(q, torch.cat([k_pre, k_new], 2), torch.cat([v_pre, v_new], 2),
                             mask, 0.3)
     assert torch.allclose(got, want, atol=1e-5)
@@ -151,10 +151,10 @@ class _fixed_only:
         self.fixed = fixed
 
     def __enter__(self):
-        self.before, fast._FIXED = fast._FIXED, self.fixed
+        self.before, attention._FIXED = attention._FIXED, self.fixed
 
     def __exit__(self, *exc):
-        fast._FIXED = self.before
+        attention._FIXED = self.before
 
 
 def test_attention_implementation_restored_and_window_checked(tokenizer):

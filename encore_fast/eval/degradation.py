@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from encore_fast.eval.datasets import DatasetError
-from encore_fast.eval.metrics import model_device, next_token_is
+from encore_fast.eval.metrics import next_token_is
+from encore_fast.models.placement import input_device
 from encore_fast.requests import encode
 
 
@@ -60,7 +61,7 @@ def perplexity_windows(
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
     """exp(mean next-token NLL) over all predicted tokens of the windows."""
-    device = model_device(model)
+    device = input_device(model)
     total, count = 0.0, 0
     for start in range(0, windows.shape[0], batch_size):
         ids = windows[start : start + batch_size].to(device)

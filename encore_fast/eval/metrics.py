@@ -41,12 +41,6 @@ class TargetScore:
         return self.correct.float().mean().item()
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Where the model's inputs go: its input embeddings' (execution) device (CPU for a
-    module without parameters)."""
-    return input_device(model)
-
-
 def pad_id(tokenizer: Any) -> int:
     """Token used for right padding (masked out, so any valid id works)."""
     for name in ("pad_token_id", "eos_token_id"):
@@ -70,7 +64,7 @@ def score_token_ids(
     for i, (prompt, target) in enumerate(pairs):
         if not prompt or not target:
             raise ValueError(f"pair #{i}: empty prompt or target token list")
-    device = model_device(model)
+    device = input_device(model)
     order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
     out: list[TargetScore | None] = [None] * len(pairs)
     for start in range(0, len(order), batch_size):
@@ -324,7 +318,7 @@ def greedy_generate(
     loop that re-runs the whole sequence. ROME samples top-5 for GE; greedy makes runs
     reproducible, and is what this project reports.
     """
-    device = model_device(model)
+    device = input_device(model)
     ids = torch.tensor([encode(tokenizer, prompt)], device=device)
     if hasattr(model, "generate"):
         ids = model.generate(

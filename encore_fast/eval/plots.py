@@ -7,7 +7,7 @@ Each run is one colour; runs are compared on the same axes. Uses matplotlib's Ag
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -17,8 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from encore_fast.eval.report import METRIC_KEYS, RunData, load_run  # noqa: E402
 
-_EXTRA = ("known_acc", "known_retained", "forgetting.es", "forgetting.real_es",
-          "downstream.mean_f1")
+_EXTRA = ("known_acc", "known_retained", "forgetting.es", "forgetting.ps",
+          "forgetting.real_es", "downstream.mean_f1")
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -56,16 +56,24 @@ def plot_metrics(runs: Sequence[RunData], path: str | os.PathLike[str]) -> Path:
     """One panel per edit metric (and known-fact accuracy) present in the runs, vs edits."""
     keys = [k for k in METRIC_KEYS if any(_series(run, k)[0] for run in runs)]
     keys += [k for k in _EXTRA if any(_series(run, k)[0] for run in runs)]
-    cols = min(3, max(1, len(keys)))
+    return _panels(runs, keys, path, cols=3, size=(4, 3), unbounded=("ge",))
+
+
+def _panels(runs: Sequence[RunData], keys: Sequence[str], path: str | os.PathLike[str], *,
+            cols: int, size: tuple[float, float], unbounded: Sequence[str] = (),
+            title: Callable[[str], str] | None = None) -> Path:
+    """One panel per quantity in ``keys`` vs edits, the runs overlaid (rates on [0, 1])."""
+    cols = min(cols, max(1, len(keys)))
     rows = max(1, -(-len(keys) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows),
+                             squeeze=False)
     for k, key in enumerate(keys):
         ax = axes[k // cols][k % cols]
         for c, run in enumerate(runs):
             x, y = _series(run, key)
             ax.plot(x, y, marker="o", markersize=3, color=f"C{c}", label=run.label)
-        ax.set_title(key)
-        if key != "ge":  # rates
+        ax.set_title(title(key) if title else key)
+        if key not in unbounded:  # rates
             ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel("edits")
         ax.grid(alpha=0.3)
@@ -90,6 +98,15 @@ def plot_perplexity(runs: Sequence[RunData], path: str | os.PathLike[str]) -> Pa
     return _save(fig, Path(path))
 
 
+def plot_downstream(runs: Sequence[RunData], path: str | os.PathLike[str]) -> Path:
+    """One panel per downstream task (F1) and their mean, vs edits."""
+    tasks = sorted({k for run in runs for line in run.evals
+                    for k, v in (line.get("downstream") or {}).items() if isinstance(v, dict)})
+    keys = [f"downstream.{t}.f1" for t in tasks] + ["downstream.mean_f1"]
+    return _panels(runs, keys, path, cols=4, size=(3.6, 2.8),
+                   title=lambda k: k.removeprefix("downstream.").replace(".f1", " F1"))
+
+
 def plot_runs(
     dirs: Sequence[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
@@ -98,11 +115,14 @@ def plot_runs(
     """All three plots for the runs in ``dirs``, written as PNGs into ``out_dir``."""
     runs = [load_run(d, labels[i] if labels else None) for i, d in enumerate(dirs)]
     out = Path(out_dir)
-    return [
+    paths = [
         plot_norms(runs, out / "norm_growth.png"),
         plot_metrics(runs, out / "metrics.png"),
         plot_perplexity(runs, out / "perplexity.png"),
     ]
+    if any(line.get("downstream") for run in runs for line in run.evals):
+        paths.append(plot_downstream(runs, out / "downstream.png"))
+    return paths
 
 
 def _series(run: RunData, key: str) -> tuple[list[int], list[float]]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from encore_fast.eval.run import CONFIG_FILE, EVALS_FILE, RESULTS_FILE, read_results
+from encore_fast.eval.results import CONFIG_FILE, EVALS_FILE, RESULTS_FILE, read_results
 
 # Edit metrics in display order (CounterFact, then zsRE).
 METRIC_KEYS = ("es", "ps", "ns", "s", "real_es", "real_ps", "real_ns", "ge", "rewrite_acc",

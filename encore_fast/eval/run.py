@@ -38,7 +38,6 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from encore_fast.errors import EncoreFastError
 from encore_fast.eval.datasets import EvalRecord
 from encore_fast.eval.degradation import (
     known_fact_hits,
@@ -47,18 +46,21 @@ from encore_fast.eval.degradation import (
     perplexity_windows,
 )
 from encore_fast.eval.metrics import evaluate_records
+from encore_fast.eval.results import (
+    CONFIG_FILE,
+    EVALS_FILE,
+    RESULTS_FILE,
+    SNAPSHOTS,
+    RunConfigError,
+    append_jsonl,
+    as_dict,
+    json_safe,
+    read_results,
+)
 from encore_fast.eval.snapshots import list_snapshots, load_snapshot, save_snapshot
 from encore_fast.io import atomic_write_text
 
-CONFIG_FILE = "config.json"
-RESULTS_FILE = "results.jsonl"
-EVALS_FILE = "evals.jsonl"  # evaluations of the snapshots, made after (or beside) the run
-SNAPSHOTS = "snapshots"
 _EDITS = re.compile(r"^edits-(\d{5,})\.safetensors$")
-
-
-class RunConfigError(EncoreFastError, RuntimeError):
-    """A run folder that cannot be (re)used: different config, or inconsistent files."""
 
 
 @dataclass
@@ -230,12 +232,7 @@ def run_sequential(
         raise ValueError(f"num_edits must be in 1..{len(records)}, got {n}")
     if batch_size < 1 or eval_every < 0:
         raise ValueError("batch_size must be >= 1 and eval_every >= 0")
-    stream, moved = arrange_batches(records[:n], batch_size)
-    if moved:
-        warnings.warn(f"{len(moved)} record(s) of the stream repeat or contradict another one "
-                      f"of their batch (same prompt and subject): moved to the next batch "
-                      f"(records {moved[:10]})", stacklevel=2)
-    batches = [stream[i : i + batch_size] for i in range(0, n, batch_size)]
+    stream, batches = _stream_batches(records[:n], batch_size)
     if (out / CONFIG_FILE).exists() and not resume:  # before a model is loaded
         raise RunConfigError(
             f"{out} already holds a run; resume it (resume=True / --resume) or pick another folder"
@@ -245,21 +242,47 @@ def run_sequential(
     if getattr(ed, "history", 0) != 0:
         ed.history = 0  # checkpoints hold the current state only (no undo inside a run)
     out.mkdir(parents=True, exist_ok=True)
-    config = _json_safe(
-        {
-            "method": getattr(ed, "method", None),
-            "hparams": getattr(ed, "hparams", None),
-            "num_edits": n,
-            "batch_size": batch_size,
-            "eval_every": eval_every,
-            "stream_sha256": _stream_hash(stream),
-            "settings": {"defer": True} if settings.defer else dataclasses.asdict(settings),
-            "run_info": dict(run_info or {}),
-        }
-    )
-    results = out / RESULTS_FILE
+    config = json_safe({
+        "method": getattr(ed, "method", None), "hparams": getattr(ed, "hparams", None),
+        "num_edits": n, "batch_size": batch_size, "eval_every": eval_every,
+        "stream_sha256": _stream_hash(stream),
+        "settings": {"defer": True} if settings.defer else dataclasses.asdict(settings),
+        "run_info": dict(run_info or {}),
+    })
     lines = _open_run(out, config, resume)
+    n_saved = _resume_position(ed, out, lines, batches)
+    evaluate = _Evaluations(ed, out, stream, batches, settings, eval_every, lines)
+    bar = tqdm(total=len(batches), initial=n_saved, unit="batch", disable=not progress,
+               desc=f"{config.get('method') or 'edit'} x{n}")
+    try:
+        _show(bar, evaluate(n_saved))
+        for b in range(n_saved, len(batches)):
+            _edit_batch(ed, out, batches, b)
+            bar.update(1)
+            _show(bar, evaluate(b + 1))
+    finally:
+        bar.close()
+    if make_plots:
+        _plot(out)
+    return out / RESULTS_FILE
 
+
+def _stream_batches(records: Sequence[EvalRecord], batch_size: int) -> tuple[
+        list[EvalRecord], list[list[EvalRecord]]]:
+    """The stream in edit order (:func:`arrange_batches`, with a warning when it moved
+    records) and its batches."""
+    stream, moved = arrange_batches(records, batch_size)
+    if moved:
+        warnings.warn(f"{len(moved)} record(s) of the stream repeat or contradict another one "
+                      f"of their batch (same prompt and subject): moved to the next batch "
+                      f"(records {moved[:10]})", stacklevel=3)
+    return stream, [stream[i : i + batch_size] for i in range(0, len(stream), batch_size)]
+
+
+def _resume_position(ed: Any, out: Path, lines: list[dict[str, Any]],
+                     batches: Sequence[Sequence[EvalRecord]]) -> int:
+    """Load the newest saved state into ``ed``; the number of batches it holds (a batch saved
+    but not logged gets its line back, from the state file)."""
     n_batch_lines = _check_batch_lines(lines)
     n_saved = _load_newest_edits(ed, out)
     if n_saved < n_batch_lines or n_saved > n_batch_lines + 1:
@@ -273,62 +296,58 @@ def run_sequential(
             line = {"type": "batch", "batch": n_saved - 1, "recovered": True}
             line["edits_done"] = sum(len(b) for b in batches[:n_saved])
             line["weight_norms"] = ed.weight_norms()
-        append_jsonl(results, line)
-        lines.append(_json_safe(line))
+        append_jsonl(out / RESULTS_FILE, line)
+        lines.append(json_safe(line))
+    return n_saved
 
-    evaluator = None if settings.defer else Evaluator(ed.tokenizer, stream, settings)
-    if evaluator is not None:
-        evaluator.restore(lines)
-    evaluated = {line["batches"] for line in lines if line.get("type") == "eval"}
 
-    def evaluate_if_due(done: int) -> dict[str, Any] | None:
-        due = done == 0 or done == len(batches) or (eval_every and done % eval_every == 0)
-        if not due:
+def _edit_batch(ed: Any, out: Path, batches: Sequence[Sequence[EvalRecord]], b: int) -> None:
+    """Apply batch ``b``, save the state with its results line, then append the line."""
+    start = time.perf_counter()
+    requests = [rec.request for rec in batches[b]]
+    reports = ed.edit(requests, batch_size=len(requests), progress=False)
+    line: dict[str, Any] = {"type": "batch", "batch": b}
+    line["edits_done"] = sum(len(x) for x in batches[: b + 1])
+    line["wall_seconds"] = time.perf_counter() - start
+    for report in reports:
+        line.update({k: v for k, v in as_dict(report).items() if k not in line})
+    _save_edits(ed, out, b + 1, line)  # the line travels with the edits it describes
+    append_jsonl(out / RESULTS_FILE, line)
+
+
+class _Evaluations:
+    """At each evaluation point of a run: the weight snapshot, then (unless deferred) the
+    evaluation, appended to the results once."""
+
+    def __init__(self, ed: Any, out: Path, stream: Sequence[EvalRecord],
+                 batches: Sequence[Sequence[EvalRecord]], settings: EvalSettings,
+                 eval_every: int, lines: Sequence[Mapping[str, Any]]) -> None:
+        self.ed, self.out, self.batches, self.every = ed, out, batches, eval_every
+        self.evaluator = None if settings.defer else Evaluator(ed.tokenizer, stream, settings)
+        if self.evaluator is not None:
+            self.evaluator.restore(lines)
+        self.done = {line["batches"] for line in lines if line.get("type") == "eval"}
+
+    def __call__(self, done: int) -> dict[str, Any] | None:
+        n = len(self.batches)
+        if not (done == 0 or done == n or (self.every and done % self.every == 0)):
             return None
-        edits_done = sum(len(b) for b in batches[:done])
-        snap = out / SNAPSHOTS / f"weights-{done:05d}.safetensors"
+        ed = self.ed
+        edits_done = sum(len(b) for b in self.batches[:done])
+        snap = self.out / SNAPSHOTS / f"weights-{done:05d}.safetensors"
         if not snap.exists():
             save_snapshot(ed, snap, {"batches": done, "edits_done": edits_done,
                                      "weight_norms": ed.weight_norms()})
-        if evaluator is None or done in evaluated:
+        if self.evaluator is None or done in self.done:
             return None
         start = time.perf_counter()
         line = {"type": "eval", "batches": done, "edits_done": edits_done}
-        line.update(evaluator(ed.model, edits_done))
+        line.update(self.evaluator(ed.model, edits_done))
         line["weight_norms"] = ed.weight_norms()
         line["seconds"] = time.perf_counter() - start
-        append_jsonl(results, line)
-        evaluated.add(done)
+        append_jsonl(self.out / RESULTS_FILE, line)
+        self.done.add(done)
         return line
-
-    bar = tqdm(
-        total=len(batches),
-        initial=n_saved,
-        unit="batch",
-        disable=not progress,
-        desc=f"{config.get('method') or 'edit'} x{n}",
-    )
-    try:
-        _show(bar, evaluate_if_due(n_saved))
-        for b in range(n_saved, len(batches)):
-            start = time.perf_counter()
-            requests = [rec.request for rec in batches[b]]
-            reports = ed.edit(requests, batch_size=len(requests), progress=False)
-            wall = time.perf_counter() - start
-            line = {"type": "batch", "batch": b}
-            line["edits_done"] = sum(len(x) for x in batches[: b + 1])
-            line["wall_seconds"] = wall
-            for report in reports:
-                line.update({k: v for k, v in _as_dict(report).items() if k not in line})
-            _save_edits(ed, out, b + 1, line)  # the line travels with the edits it describes
-            append_jsonl(results, line)
-            bar.update(1)
-            _show(bar, evaluate_if_due(b + 1))
-    finally:
-        bar.close()
-    if make_plots:
-        _plot(out)
-    return results
 
 
 def evaluate_snapshots(
@@ -417,43 +436,6 @@ def arrange_batches(records: Sequence[EvalRecord], batch_size: int) -> tuple[
 # --- results file --------------------------------------------------------------------------
 
 
-def append_jsonl(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
-    """Append one JSON line and make it durable (flush + fsync) before returning."""
-    data = json.dumps(_json_safe(record), sort_keys=True) + "\n"
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def read_results(path: str | os.PathLike[str], repair: bool = False) -> list[dict[str, Any]]:
-    """The lines of a results file. A torn last line (interrupted write) is ignored, and cut
-    from the file when ``repair``; a bad line anywhere else is an error."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    chunks = path.read_bytes().split(b"\n")  # the last chunk is what follows the last newline
-    last = max((i for i, c in enumerate(chunks) if c.strip()), default=-1)
-    lines, offset = [], 0
-    for i, chunk in enumerate(chunks):
-        try:
-            if chunk.strip():
-                if i == len(chunks) - 1:
-                    raise ValueError("no newline: the write never finished")
-                lines.append(json.loads(chunk))
-        except ValueError:
-            if i != last:
-                raise RunConfigError(f"{path}: line {i + 1} is not valid JSON") from None
-            if repair:
-                with open(path, "r+b") as fh:
-                    fh.truncate(offset)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            break
-        offset += len(chunk) + 1
-    return lines
-
-
 def _open_run(out: Path, config: dict[str, Any], resume: bool) -> list[dict[str, Any]]:
     """Start a fresh run folder, or check the old config and read its results for resuming."""
     cfg_path, results = out / CONFIG_FILE, out / RESULTS_FILE
@@ -497,7 +479,7 @@ def _save_edits(editor: Any, out: Path, batches_done: int, line: Mapping[str, An
     """Write the editor's state (atomically, with the batch's results line), then drop older
     states."""
     final = out / f"edits-{batches_done:05d}.safetensors"
-    editor.save_edits(final, metadata={"run_line": _json_safe(line)})
+    editor.save_edits(final, metadata={"run_line": json_safe(line)})
     for count, path in _edits_files(out).items():
         if count != batches_done:
             path.unlink(missing_ok=True)
@@ -535,33 +517,8 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 
 def _stream_hash(stream: Sequence[EvalRecord]) -> str:
-    text = json.dumps([_json_safe(rec) for rec in stream], sort_keys=True)
+    text = json.dumps([json_safe(rec) for rec in stream], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _as_dict(obj: Any) -> dict[str, Any]:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-    if isinstance(obj, Mapping):
-        return dict(obj)
-    return dict(vars(obj))
-
-
-def _json_safe(obj: Any) -> Any:
-    """Plain JSON types: dataclasses/objects -> dicts, tensors -> lists, keys -> str."""
-    if obj is None or isinstance(obj, bool | int | float | str):
-        return obj
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | set):
-        return [_json_safe(v) for v in obj]
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if dataclasses.is_dataclass(obj) or hasattr(obj, "__dict__"):
-        return _json_safe(_as_dict(obj))
-    return str(obj)
 
 
 def _show(bar: Any, line: Mapping[str, Any] | None) -> None:

@@ -21,21 +21,19 @@ import torch
 
 from encore_fast.models.arch import ModelView, block_hidden, stand_ins
 from encore_fast.models.hooks import StopForward, run_until
-from encore_fast.requests import EditRequest, encode, subject_last_index
-from encore_fast.values.prompts import pad_batch, pad_id_of
-from encore_fast.values.templates import fill
+from encore_fast.requests import EditRequest
+from encore_fast.values.prompts import PromptTokens, pad_batch, pad_id_of
 
 
 def _subject_rows(
-    tokenizer: Any, requests: Sequence[EditRequest], contexts: Sequence[str], trim: bool = False
+    tokens: PromptTokens, requests: Sequence[EditRequest], contexts: Sequence[str],
+    trim: bool = False,
 ) -> tuple[list[list[int]], list[int]]:
     ids, lookup = [], []
     for req in requests:
         for ctx in contexts:
-            template = fill(ctx, req.template)
-            lk = subject_last_index(tokenizer, template, req.subject)
-            row = encode(tokenizer, template.replace("{}", req.subject, 1))
-            ids.append(row[: lk + 1] if trim else row)
+            row, lk = tokens.subject_prompt(req, ctx)
+            ids.append(row[: lk + 1] if trim else list(row))
             lookup.append(lk)
     return ids, lookup
 
@@ -61,14 +59,15 @@ class SubjectForwards:
 
     def __init__(self, view: ModelView, tokenizer: Any, requests: Sequence[EditRequest],
                  contexts: Sequence[str], *, reuse_below: int | None = None,
-                 chunk: int = 64) -> None:
+                 chunk: int = 64, tokens: PromptTokens | None = None) -> None:
         self.view, self.n, self.n_ctx = view, len(requests), len(contexts)
         self.reuse_below = reuse_below if reuse_below else None  # block 0 has nothing below
         trim = self.reuse_below is not None
+        tokens = tokens or PromptTokens(tokenizer)  # (the value prompts' ones, when given)
         self.keys_rows = _Chunks(
-            view, tokenizer, *_subject_rows(tokenizer, requests, contexts, trim), chunk)
+            view, tokenizer, *_subject_rows(tokens, requests, contexts, trim), chunk)
         self.raw_rows = _Chunks(
-            view, tokenizer, *_subject_rows(tokenizer, requests, ["{}"], trim), chunk)
+            view, tokenizer, *_subject_rows(tokens, requests, ["{}"], trim), chunk)
 
     def freeze_below(self, layer: int) -> None:
         """Blocks below ``layer`` will not change any more (in this batch): later passes may

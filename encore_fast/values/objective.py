@@ -1,13 +1,33 @@
-"""The value-optimisation objective and ENCORE's MPES rule, shared by both engines.
+"""The value-optimisation objective, its stopping rule and result, shared by both engines.
 
-Both engines feed these functions the same quantities (target log-probabilities, KL-prompt
-log-distributions, δ), so the loss, the stopping rules and the clamp are defined once.
+Both engines feed these the same quantities (target log-probabilities, KL-prompt
+log-distributions, δ, each step's loss and top-1 flag), so the loss, the stopping rule (MPES, the
+loss cut-off, the step limit), the clamp and what a request's optimisation returns are defined
+once.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
+
+from encore_fast.config import EditConfig
+
+
+@dataclass
+class ValueResult:
+    """Outcome of optimising one request's value: ``z = h0 + δ``."""
+
+    z: torch.Tensor
+    h0: torch.Tensor
+    steps: int  # forward passes (loss evaluations)
+    updates: int  # optimiser updates applied
+    mpes_stopped: bool
+    loss_history: list[float] = field(default_factory=list)
+    correct_history: list[bool] = field(default_factory=list)  # all prefixed prompts top-1
+    zero_grad_updates: int = 0  # updates whose gradient was exactly zero (16-bit underflow)
 
 
 def value_loss(
@@ -71,3 +91,32 @@ def clamp_(delta: torch.Tensor, max_norm: torch.Tensor) -> None:
     limit = max_norm[:, None]
     scale = torch.where(norms > limit, limit / norms, torch.ones_like(norms))
     delta.mul_(scale)
+
+
+class StopRule:
+    """One request's optimisation record and when it ends: after each step's loss and
+    "every prefixed prompt predicts the target" flag, :meth:`record` says whether an update
+    follows -- not if MPES stops it, the loss is below ``loss_cutoff``, or the step limit
+    ``v_num_grad_steps`` is reached."""
+
+    def __init__(self, cfg: EditConfig) -> None:
+        self.mpes = MPES(cfg.mpes_extra_steps)
+        self.cutoff, self.max_steps = cfg.loss_cutoff, cfg.v_num_grad_steps
+        self.loss: list[float] = []
+        self.correct: list[bool] = []
+        self.updates = 0
+        self.stopped = False  # by MPES
+
+    def record(self, loss: float, all_correct: bool) -> bool:
+        """Record one step; True if the request goes on (an optimiser update follows)."""
+        self.loss.append(loss)
+        self.correct.append(all_correct)
+        if self.mpes.update(all_correct):
+            self.stopped = True
+            return False
+        return not (loss < self.cutoff or len(self.loss) >= self.max_steps)
+
+    def result(self, z: torch.Tensor, h0: torch.Tensor, zero_grad_updates: int) -> ValueResult:
+        return ValueResult(z=z, h0=h0, steps=len(self.loss), updates=self.updates,
+                           mpes_stopped=self.stopped, loss_history=self.loss,
+                           correct_history=self.correct, zero_grad_updates=zero_grad_updates)

@@ -35,20 +35,42 @@ class ValuePrompts:
         return len(self.input_ids)
 
 
+class PromptTokens:
+    """Each request's prompt in each context template, filled, tokenised and with its last
+    subject token located once: the value prompts and the key passes of a batch share them."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._made: dict[tuple[str, str, str], tuple[list[int], int]] = {}
+
+    def subject_prompt(self, request: EditRequest, context: str) -> tuple[list[int], int]:
+        """Token ids of ``context`` filled with the request's prompt, and the index of its
+        last subject token."""
+        key = (context, request.template, request.subject)
+        if key not in self._made:
+            template = fill(context, request.template)
+            ids = encode(self.tokenizer, template.replace("{}", request.subject, 1))
+            self._made[key] = (ids, subject_last_index(self.tokenizer, template,
+                                                       request.subject))
+        return self._made[key]
+
+
 def build_value_prompts(
-    tokenizer: Any, request: EditRequest, contexts: Sequence[str]
+    tokenizer: Any, request: EditRequest, contexts: Sequence[str],
+    tokens: PromptTokens | None = None,
 ) -> ValuePrompts:
-    """Tokenise the rewrite and KL prompts of ``request`` for the given context templates.
+    """Tokenise the rewrite and KL prompts of ``request`` for the given context templates
+    (through ``tokens``, shared with the batch's key passes, when given).
 
     The target tokens are appended as ids (not decoded and re-tokenised), so the positions the
     loss reads hold exactly the target's tokens.
     """
+    tokens = tokens or PromptTokens(tokenizer)
     target_ids = target_token_ids(tokenizer, request.target_new)
     input_ids, lookup, starts = [], [], []
     for ctx in contexts:
-        template = fill(ctx, request.template)
-        prompt_ids = encode(tokenizer, template.replace("{}", request.subject, 1))
-        lookup.append(subject_last_index(tokenizer, template, request.subject))
+        prompt_ids, lk = tokens.subject_prompt(request, ctx)
+        lookup.append(lk)
         starts.append(len(prompt_ids) - 1)
         input_ids.append(prompt_ids + target_ids[:-1])
     for kl in KL_PROMPTS:

@@ -9,7 +9,6 @@ the yardstick the fast engine is tested against.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,22 +16,14 @@ import torch
 from encore_fast.config import EditConfig
 from encore_fast.models.arch import ModelView, block_hidden, replace_block_hidden
 from encore_fast.models.hooks import editing_mode
-from encore_fast.values.objective import MPES, clamp_, prompts_correct, value_loss
+from encore_fast.values.objective import (
+    StopRule,
+    ValueResult,
+    clamp_,
+    prompts_correct,
+    value_loss,
+)
 from encore_fast.values.prompts import ValuePrompts, pad_batch, pad_id_of
-
-
-@dataclass
-class ValueResult:
-    """Outcome of optimising one request's value: ``z = h0 + δ``."""
-
-    z: torch.Tensor
-    h0: torch.Tensor
-    steps: int  # forward passes (loss evaluations)
-    updates: int  # optimiser updates applied
-    mpes_stopped: bool
-    loss_history: list[float] = field(default_factory=list)
-    correct_history: list[bool] = field(default_factory=list)  # all prefixed prompts top-1
-    zero_grad_updates: int = 0  # updates whose gradient was exactly zero (16-bit underflow)
 
 
 def optimize_value(
@@ -62,15 +53,13 @@ def optimize_value(
         return replace_block_hidden(output, hidden + add)
 
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
-    mpes = MPES(cfg.mpes_extra_steps)
-    history: list[float] = []
-    correct_hist: list[bool] = []
+    rule = StopRule(cfg)
     kl_init = None
-    updates, stopped, zero_grads = 0, False, 0
+    zero_grads = 0
     handle = view.blocks[layer].register_forward_hook(hook)
     with editing_mode(view.model):  # (δ alone needs gradients; the flags come back after)
         try:
-            for it in range(cfg.v_num_grad_steps):
+            for _ in range(cfg.v_num_grad_steps):
                 opt.zero_grad()
                 logits = view.model(input_ids=ids, attention_mask=attn).logits.to(device).float()
                 log_probs = torch.log_softmax(logits[:n_rw], dim=-1)
@@ -87,29 +76,20 @@ def optimize_value(
                     kl_factor=cfg.kl_factor, weight_decay=cfg.v_weight_decay,
                 )
                 loss = loss[0]
-                history.append(float(loss.detach()))
                 pred = logits[rw_rows, positions].argmax(-1)
                 all_correct = bool(prompts_correct(pred[1:], targets[1:], tmask[1:]).all())
-                correct_hist.append(all_correct)
-                if mpes.update(all_correct):
-                    stopped = True
-                    break
-                if history[-1] < cfg.loss_cutoff or it == cfg.v_num_grad_steps - 1:
+                if not rule.record(float(loss.detach()), all_correct):
                     break
                 loss.backward()
                 zero_grads += int(not bool(delta.grad.any()))
                 opt.step()
-                updates += 1
+                rule.updates += 1
                 with torch.no_grad():
                     clamp_(delta[None], cfg.clamp_norm_factor * h0.norm()[None])
         finally:
             handle.remove()
     h0 = state["h0"]
-    return ValueResult(
-        z=(h0 + delta.detach()).float(), h0=h0, steps=len(history), updates=updates,
-        mpes_stopped=stopped, loss_history=history,
-        correct_history=correct_hist, zero_grad_updates=zero_grads,
-    )
+    return rule.result((h0 + delta.detach()).float(), h0, zero_grads)
 
 
 def optimize_values(

@@ -1,0 +1,133 @@
+"""The 10,000-edit study (issue 15): table, plots and the collapse check of the study's runs.
+
+Reads the run folders written by ``scripts/study_run.sh`` (edits, snapshots) and
+``scripts/study_eval.sh`` (their evaluations), and writes into ``--out``: ``table.md`` /
+``table.csv`` (per method, at 1k, 5k, 10k edits and the last evaluation), ``plots/`` (edit
+metrics, realistic accuracy and forgetting curve, downstream tasks, perplexity, norm growth per
+layer, the methods overlaid), and each run's ``config.json``, ``results.jsonl``, ``evals.jsonl``.
+
+Collapse (when a baseline's run is stopped): at an evaluation, the edit score on the edited
+facts (ES) is no better than the unedited model's, or the downstream mean F1 has lost more than
+half of its margin over chance (0.5 F1 for the two-class tasks is not what "chance" means for
+weighted F1, so the margin is measured against the score of always answering one class), or the
+perplexity has grown tenfold.
+
+    python benchmarks/study_report.py --runs ~/.cache/encore_fast/study \
+        --out benchmarks/results/study-smollm2-10k
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from encore_fast.eval.report import RunData, csv_table, load_run, markdown_table
+
+METHODS = ("encore", "memit-seq", "alphaedit")
+POINTS = (1000, 5000, 10000)
+ONE_CLASS_F1 = 1 / 3  # weighted F1 of always answering one class on balanced two-class data
+
+
+def _at(run: RunData, edits: int) -> dict[str, Any] | None:
+    return next((e for e in run.evals if e["edits_done"] == edits), None)
+
+
+def _norm_growth(run: RunData, edits: int) -> float | None:
+    x, ratios = run.norm_series()
+    if edits not in x:
+        return None
+    i = x.index(edits)
+    vals = [series[i] for series in ratios.values()]
+    return sum(vals) / len(vals) if vals else None
+
+
+def row(run: RunData, line: dict[str, Any]) -> dict[str, Any]:
+    """One table row: a run at one evaluation."""
+    m, f = line.get("metrics", {}), line.get("forgetting") or {}
+    down = line.get("downstream") or {}
+    out = {"method": run.label, "edits": line["edits_done"]}
+    for key in ("es", "ps", "ns", "s", "real_es", "real_ps", "real_ns"):
+        out[key] = m.get(key)
+    out["first1k_es"], out["first1k_real_es"] = f.get("es"), f.get("real_es")
+    out["downstream_f1"] = down.get("mean_f1")
+    for task in ("sst2", "rte"):
+        out[f"{task}_f1"] = (down.get(task) or {}).get("f1")
+    out["ppl"] = line.get("perplexity")
+    out["known_acc"] = line.get("known_acc")
+    out["norm_growth"] = _norm_growth(run, line["edits_done"])
+    return out
+
+
+def collapsed(base: dict[str, Any], line: dict[str, Any]) -> str | None:
+    """Why the run counts as collapsed at ``line`` (None: it has not)."""
+    m0, m = base.get("metrics", {}), line.get("metrics", {})
+    if line["edits_done"] and m.get("es") is not None and m["es"] <= m0.get("es", 0):
+        return f"ES {m['es']:.3f} <= unedited {m0.get('es'):.3f}"
+    d0 = (base.get("downstream") or {}).get("mean_f1")
+    d = (line.get("downstream") or {}).get("mean_f1")
+    if d0 is not None and d is not None and d - ONE_CLASS_F1 < 0.5 * (d0 - ONE_CLASS_F1):
+        return f"downstream mean F1 {d:.3f} (unedited {d0:.3f})"
+    p0, p = base.get("perplexity"), line.get("perplexity")
+    if p0 and p and p > 10 * p0:
+        return f"perplexity {p:.1f} > 10x unedited {p0:.1f}"
+    return None
+
+
+def seconds_per_edit(run: RunData) -> float | None:
+    """Median batch time / batch size over the run's batches."""
+    per = sorted(b["seconds"] / b["n_requests"] for b in run.batches
+                 if b.get("seconds") and b.get("n_requests"))
+    return per[len(per) // 2] if per else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", required=True, help="folder holding one run per method")
+    parser.add_argument("--out", required=True, help="results folder")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    args = parser.parse_args(argv)
+    runs = [load_run(Path(args.runs) / m, m) for m in args.methods
+            if (Path(args.runs) / m / "config.json").exists()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, notes = [], {}
+    for run in runs:
+        if not run.evals:
+            continue
+        base = run.evals[0]
+        picked = [_at(run, n) for n in POINTS] + [run.evals[-1]]
+        seen = set()
+        for line in picked:
+            if line is not None and line["edits_done"] not in seen:
+                seen.add(line["edits_done"])
+                rows.append(row(run, line))
+        why = next(((e["edits_done"], r) for e in run.evals if (r := collapsed(base, e))), None)
+        notes[run.label] = {"edits": run.batches[-1]["edits_done"] if run.batches else 0,
+                            "evaluated_to": run.evals[-1]["edits_done"],
+                            "collapsed_at": why, "sec_per_edit": seconds_per_edit(run),
+                            "unedited": row(run, base)}
+        for name in ("config.json", "results.jsonl", "evals.jsonl"):
+            src = run.path / name
+            if src.exists():
+                dst = out / run.label / name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)
+    (out / "table.md").write_text(markdown_table(rows), encoding="utf-8")
+    (out / "table.csv").write_text(csv_table(rows), encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps(notes, indent=2), encoding="utf-8")
+    try:
+        from encore_fast.eval.plots import plot_runs
+    except ImportError:
+        print("no matplotlib: no plots")
+    else:
+        plot_runs([r.path for r in runs], out / "plots", [r.label for r in runs])
+    print(markdown_table(rows), end="")
+    print(json.dumps(notes, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

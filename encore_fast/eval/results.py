@@ -1,0 +1,89 @@
+"""The files of a run folder and how they are read and written (JSON lines, made durable).
+
+Shared by the runner (:mod:`encore_fast.eval.run`) and the reports and plots
+(:mod:`encore_fast.eval.report`), which read a run without importing the runner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from encore_fast.errors import EncoreFastError
+
+CONFIG_FILE = "config.json"
+RESULTS_FILE = "results.jsonl"
+EVALS_FILE = "evals.jsonl"  # evaluations of the snapshots, made after (or beside) the run
+SNAPSHOTS = "snapshots"
+
+
+class RunConfigError(EncoreFastError, RuntimeError):
+    """A run folder that cannot be (re)used: different config, or inconsistent files."""
+
+
+def append_jsonl(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
+    """Append one JSON line and make it durable (flush + fsync) before returning."""
+    data = json.dumps(json_safe(record), sort_keys=True) + "\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_results(path: str | os.PathLike[str], repair: bool = False) -> list[dict[str, Any]]:
+    """The lines of a results file. A torn last line (interrupted write) is ignored, and cut
+    from the file when ``repair``; a bad line anywhere else is an error."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    chunks = path.read_bytes().split(b"\n")  # the last chunk is what follows the last newline
+    last = max((i for i, c in enumerate(chunks) if c.strip()), default=-1)
+    lines, offset = [], 0
+    for i, chunk in enumerate(chunks):
+        try:
+            if chunk.strip():
+                if i == len(chunks) - 1:
+                    raise ValueError("no newline: the write never finished")
+                lines.append(json.loads(chunk))
+        except ValueError:
+            if i != last:
+                raise RunConfigError(f"{path}: line {i + 1} is not valid JSON") from None
+            if repair:
+                with open(path, "r+b") as fh:
+                    fh.truncate(offset)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            break
+        offset += len(chunk) + 1
+    return lines
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    return dict(vars(obj))
+
+
+def json_safe(obj: Any) -> Any:
+    """Plain JSON types: dataclasses/objects -> dicts, tensors -> lists, keys -> str."""
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if dataclasses.is_dataclass(obj) or hasattr(obj, "__dict__"):
+        return json_safe(as_dict(obj))
+    return str(obj)
+
+
