@@ -240,7 +240,7 @@ class Editor:
 
     @property
     def num_edits(self) -> int:
-        return len(self.requests)
+        return sum(map(len, self._dropped)) + sum(len(b.requests) for b in self._history)
 
     @property
     def requests(self) -> list[EditRequest]:
@@ -675,7 +675,7 @@ class Editor:
         self._restore_base()
         self._history = []
         for layer in self.hparams.layers:
-            self._solver(layer)  # made from S = 0, as before a first batch
+            self._solver(layer)  # (no base: made from S = 0, as before a first batch)
         for batch in batches:
             self._commit(batch, self._apply_factors(batch), solved=False)
 
@@ -790,9 +790,9 @@ class Editor:
             bstates[layer] = st
             if self.engine == "fast" and "inv" in entry and layer in saved.counters:
                 done, refact = saved.counters[layer]
-                solvers[layer] = WoodburySolver.restored(
-                    self.rule, st, self.hparams, entry["inv"].to(sdev, torch.float64).clone(),
-                    done, refact)
+                solvers[layer] = WoodburySolver(
+                    self.rule, st, self.hparams, inv=entry["inv"].to(sdev, torch.float64).clone(),
+                    batches=done, refactorisations=refact)
             else:
                 solvers[layer] = self._make_solver(layer, st)
         return Base(weights=weights, states=bstates, solvers=solvers)

@@ -66,8 +66,8 @@ def test_realistic_metrics_on_the_models_own_answers(model, tokenizer):
     real, answers = realistic_metrics(model, tokenizer, [rec], None)
     assert real["real_ns"] is None and set(answers) == {"Hi", "Hello there"}
     real, _ = realistic_metrics(model, tokenizer, [rec], answers)
-    if normalise(target):
-        assert real["real_es"] == 1.0 and real["real_ps"] == 1.0
+    assert normalise(target)  # (a word the model says: the rule has something to match)
+    assert real["real_es"] == 1.0 and real["real_ps"] == 1.0
     assert real["real_ns"] == 1.0
     changed = {k: v + " changed" for k, v in answers.items()}
     real, _ = realistic_metrics(model, tokenizer, [rec], {**changed, "Hi": answers["Hi"]})

@@ -358,8 +358,7 @@ def run_eval_snapshots(args: argparse.Namespace) -> int:
         check_model(args.model)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
             args.dtype]
-        model, tokenizer = load_model(args.model, dtype=dtype)
-        model.eval()
+        model, tokenizer = load_model(args.model, dtype=dtype)  # (in eval mode)
         if settings.wikitext:
             check_perplexity_text(settings, tokenizer)
         evaluate_snapshots(run, model, tokenizer, records, settings, follow=args.follow,

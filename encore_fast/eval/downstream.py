@@ -15,6 +15,8 @@ from that one row's last logits. Multi-token label words get a row per label.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import math
 import os
@@ -147,9 +149,9 @@ def label_nll(model: torch.nn.Module, tokenizer: Any, context: str, prompts: Seq
     keep = 1 if single else max(len(lab) for lab in label_ids) + 1
     out = torch.zeros(len(prompts), len(labels), dtype=torch.float64)
     past = None
+    cache_arg = _cache_argument(model)
     if n_ctx:
-        first = _forward(model, input_ids=torch.tensor([ctx_ids], device=device),
-                         use_cache=True)
+        first = model(input_ids=torch.tensor([ctx_ids], device=device), use_cache=True)
         past = getattr(first, "cache", None) or first.past_key_values
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -163,9 +165,10 @@ def label_nll(model: torch.nn.Module, tokenizer: Any, context: str, prompts: Seq
             ids[b, pad:] = torch.tensor(toks)
             mask[b, n_ctx + pad :] = 1
             pos[b, pad:] = torch.arange(n_ctx, n_ctx + len(toks))
-        logits = _forward(model, input_ids=ids.to(device), attention_mask=mask.to(device),
-                          position_ids=pos.to(device), past=_repeat_cache(past, len(chunk)),
-                          use_cache=True, logits_to_keep=keep).logits
+        cached = {cache_arg: _repeat_cache(past, len(chunk))} if past is not None else {}
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                       position_ids=pos.to(device), use_cache=True, logits_to_keep=keep,
+                       **cached).logits
         logp = logits.float().log_softmax(-1).cpu()  # [B, keep, vocab]: the rows' ends
         for b, (i, j, _toks) in enumerate(chunk):
             if single:
@@ -192,22 +195,15 @@ def _common_prefix(seqs: Sequence[list[int]]) -> int:
     return max(n, 0)
 
 
-def _forward(model: torch.nn.Module, past: Any = None, **kwargs: Any) -> Any:
-    """``model(**kwargs)`` with the cache passed under the name this transformers uses."""
-    if past is not None:
-        import inspect
-
-        names = inspect.signature(model.forward).parameters
-        kwargs["cache" if "cache" in names else "past_key_values"] = past
-    return model(**kwargs)
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The name this transformers version gives the KV-cache argument (``cache``, formerly
+    ``past_key_values``)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else (
+        "past_key_values")
 
 
 def _repeat_cache(past: Any, n: int) -> Any:
     """A fresh copy of the shared context cache for a batch of ``n`` rows."""
-    if past is None:
-        return None
-    import copy
-
     cache = copy.deepcopy(past)
     cache.batch_repeat_interleave(n)
     return cache

@@ -45,7 +45,9 @@ from encore_fast.eval.degradation import (
     perplexity,
     perplexity_windows,
 )
-from encore_fast.eval.metrics import evaluate_records
+from encore_fast.eval.downstream import evaluate_downstream, load_tasks
+from encore_fast.eval.generation import realistic_metrics
+from encore_fast.eval.metrics import counterfact_metrics, evaluate_records
 from encore_fast.eval.results import (
     CONFIG_FILE,
     EVALS_FILE,
@@ -113,8 +115,6 @@ class Evaluator:
         self.baseline_answers: dict[str, str] | None = None
         self.tasks = None
         if settings.downstream:
-            from encore_fast.eval.downstream import load_tasks
-
             self.tasks = load_tasks(settings.downstream, shots=settings.downstream_shots,
                                     n=settings.downstream_n)
 
@@ -154,8 +154,6 @@ class Evaluator:
             first = self.stream[: min(s.forgetting, edits_done)]
             out["forgetting"] = self._first_facts(model, first)
         if self.tasks is not None:
-            from encore_fast.eval.downstream import evaluate_downstream
-
             out["downstream"] = evaluate_downstream(model, self.tokenizer, self.tasks,
                                                     s.batch_size)
         if self.windows is not None:
@@ -172,10 +170,7 @@ class Evaluator:
             out["known_retained"] = sum(i in kept for i in base) / len(base) if base else None
         return out
 
-
     def _realistic(self, model: Any, records: Sequence[EvalRecord], out: dict[str, Any]) -> None:
-        from encore_fast.eval.generation import realistic_metrics
-
         s = self.settings
         real, answers = realistic_metrics(model, self.tokenizer, records,
                                           self.baseline_answers, s.realistic_neighbours,
@@ -191,13 +186,9 @@ class Evaluator:
         s = self.settings
         if first[0].kind != "counterfact":
             return evaluate_records(model, self.tokenizer, first, s.batch_size)
-        from encore_fast.eval.metrics import counterfact_metrics
-
         out = dict(counterfact_metrics(model, self.tokenizer, first, s.batch_size,
                                        groups=("es", "ps")))
         if s.realistic:
-            from encore_fast.eval.generation import realistic_metrics
-
             real, _ = realistic_metrics(model, self.tokenizer, first, None, 0, s.batch_size,
                                         groups=("es",))
             out.update(real)

@@ -61,36 +61,26 @@ class WoodburySolver:
     inverse of ``rule.base_matrix`` (Cholesky for symmetric rules, a general inverse else)."""
 
     def __init__(self, rule: UpdateRule, state: LayerState, cfg: EditConfig,
-                 check_every: int = 10, tolerance: float = 1e-8) -> None:
+                 check_every: int = 10, tolerance: float = 1e-8, *,
+                 inv: torch.Tensor | None = None, batches: int = 0,
+                 refactorisations: int = 0) -> None:
+        """``inv``, ``batches``, ``refactorisations``: a saved inverse and its counters (no
+        factorisation), so that the next batches run the very operations of an uninterrupted
+        run; without ``inv`` the inverse is computed from ``C0`` and ``S``."""
         self.rule, self.state, self.cfg = rule, state, cfg
         self.general = not rule.symmetric
         self.check_every, self.tolerance = check_every, tolerance
-        self.batches = 0
-        self.refactorisations = 0
-        self.inv = self._fresh_inverse()
+        self.batches = batches
+        self.refactorisations = refactorisations
+        self.inv = inv if inv is not None else self._fresh_inverse()
         self._pending: tuple[torch.Tensor, ...] | None = None
 
     def copy(self, state: LayerState) -> WoodburySolver:
         """This solver's inverse and counters, over ``state`` (which must hold the same
         ``C0`` and ``S``): the base of a bounded history, and restoring from it."""
-        return WoodburySolver.restored(self.rule, state, self.cfg, self.inv.clone(),
-                                       self.batches, self.refactorisations,
-                                       self.check_every, self.tolerance)
-
-    @classmethod
-    def restored(cls, rule: UpdateRule, state: LayerState, cfg: EditConfig,
-                 inv: torch.Tensor, batches: int, refactorisations: int,
-                 check_every: int = 10, tolerance: float = 1e-8) -> WoodburySolver:
-        """A solver with a saved inverse and counters (no factorisation): what a checkpoint
-        restores, so that the next batches run the very operations of an uninterrupted run."""
-        self = cls.__new__(cls)
-        self.rule, self.state, self.cfg = rule, state, cfg
-        self.general = not rule.symmetric
-        self.check_every, self.tolerance = check_every, tolerance
-        self.batches, self.refactorisations = batches, refactorisations
-        self.inv = inv
-        self._pending = None
-        return self
+        return WoodburySolver(self.rule, state, self.cfg, self.check_every, self.tolerance,
+                              inv=self.inv.clone(), batches=self.batches,
+                              refactorisations=self.refactorisations)
 
     def base_matrix(self) -> torch.Tensor:
         """The matrix whose inverse is kept, as the rule states it."""
