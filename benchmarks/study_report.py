@@ -14,6 +14,12 @@ perplexity has grown tenfold.
 
     python benchmarks/study_report.py --runs ~/.cache/encore_fast/study \
         --out benchmarks/results/study-smollm2-10k
+
+Tuning (``--tune``): one row per run of ``scripts/study_tune.sh`` (``<runs>/tune/<name>``, ENCORE
+on counterfact-train.json), at its last evaluation, with the setting tried, into ``tuning.md`` /
+``tuning.csv``. The rule that picks the setting is fixed before the runs: among the settings
+whose edits are still made (ES >= ``MIN_ES`` on the edited facts), the one whose perplexity
+grew least; the downstream mean and known facts are shown beside it.
 """
 
 from __future__ import annotations
@@ -76,6 +82,64 @@ def collapsed(base: dict[str, Any], line: dict[str, Any]) -> str | None:
     return None
 
 
+TUNED = ("lambda_p", "lambda_n", "mpes_extra_steps")
+MIN_ES = 0.85
+
+
+def tune_row(run: RunData, at_start: bool = False) -> dict[str, Any]:
+    """One tuning-table row: the setting tried, then the run at its last evaluation (or, with
+    ``at_start``, the unedited model as that run evaluated it)."""
+    hp = run.config.get("hparams") or {}
+    out: dict[str, Any] = {"run": run.label, **{k: hp.get(k) for k in TUNED}}
+    base = run.evals[0]
+    last = base if at_start else run.evals[-1]
+    if at_start:
+        out = {"run": "unedited", **{k: None for k in TUNED}}
+    full = row(run, last)
+    for key in ("edits", "es", "ps", "ns", "real_es", "real_ns", "first1k_es", "downstream_f1"):
+        out[key] = full[key]
+    p0 = base.get("perplexity")
+    out["ppl_ratio"] = last["perplexity"] / p0 if p0 and last.get("perplexity") else None
+    out["known_retained"] = last.get("known_retained")
+    out["norm_growth"] = full["norm_growth"]
+    out["sec_per_edit"] = None if at_start else seconds_per_edit(run)
+    return out
+
+
+def choose(rows: list[dict[str, Any]], min_es: float = MIN_ES) -> dict[str, Any] | None:
+    """The setting the tuning picks: edits made (ES >= ``min_es``), least perplexity growth."""
+    ok = [r for r in rows if (r.get("es") or 0) >= min_es and r.get("ppl_ratio")]
+    return min(ok, key=lambda r: r["ppl_ratio"]) if ok else None
+
+
+def tuning_report(runs_dir: Path, out: Path) -> None:
+    """Write ``tuning.md`` / ``tuning.csv`` (and each run's files) from ``runs_dir/tune``."""
+    runs = [load_run(p, p.name) for p in sorted((runs_dir / "tune").iterdir())
+            if (p / "config.json").exists()]
+    rows = [tune_row(r) for r in runs if len(r.evals) > 1]
+    rows.sort(key=lambda r: (r["edits"], r["run"]))
+    for run in runs:
+        _copy_run(run, out / "tune" / run.label)
+    longest = max((r["edits"] for r in rows), default=0)
+    pick = choose([r for r in rows if r["edits"] == longest])
+    first = next((r for r in runs if r.evals), None)
+    unedited = [tune_row(first, at_start=True)] if first else []
+    text = markdown_table(unedited + rows) + (
+        f"\nPicked (ES >= {MIN_ES}, least perplexity growth): "
+        f"{pick['run'] if pick else 'none'}\n")
+    (out / "tuning.md").write_text(text, encoding="utf-8")
+    (out / "tuning.csv").write_text(csv_table(unedited + rows), encoding="utf-8")
+    print(text, end="")
+
+
+def _copy_run(run: RunData, dst: Path) -> None:
+    for name in ("config.json", "results.jsonl", "evals.jsonl"):
+        src = run.path / name
+        if src.exists():
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst / name)
+
+
 def seconds_per_edit(run: RunData) -> float | None:
     """Median batch time / batch size over the run's batches."""
     per = sorted(b["seconds"] / b["n_requests"] for b in run.batches
@@ -88,7 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", required=True, help="folder holding one run per method")
     parser.add_argument("--out", required=True, help="results folder")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--tune", action="store_true",
+                        help="the tuning table of <runs>/tune instead")
     args = parser.parse_args(argv)
+    if args.tune:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        tuning_report(Path(args.runs), Path(args.out))
+        return 0
     runs = [load_run(Path(args.runs) / m, m) for m in args.methods
             if (Path(args.runs) / m / "config.json").exists()]
     out = Path(args.out)
@@ -109,12 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                             "evaluated_to": run.evals[-1]["edits_done"],
                             "collapsed_at": why, "sec_per_edit": seconds_per_edit(run),
                             "unedited": row(run, base)}
-        for name in ("config.json", "results.jsonl", "evals.jsonl"):
-            src = run.path / name
-            if src.exists():
-                dst = out / run.label / name
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, dst)
+        _copy_run(run, out / run.label)
     (out / "table.md").write_text(markdown_table(rows), encoding="utf-8")
     (out / "table.csv").write_text(csv_table(rows), encoding="utf-8")
     (out / "summary.json").write_text(json.dumps(notes, indent=2), encoding="utf-8")

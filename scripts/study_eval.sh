@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 METHOD=${1:-encore}
 shift || true
 # (outside the checkout, so that a run can span sessions; runs/study may link to it)
-OUT=${OUT:-${STUDY_DIR:-$HOME/.cache/encore_fast/study}/$METHOD}
+OUT=${OUT:-${STUDY_DIR:-$HOME/.cache/encore_fast/study}/${NAME:-$METHOD}}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec .venv/bin/encore-fast eval-snapshots "$OUT" --dtype bf16 --eval-sample 300 --realistic \
   --forgetting 1000 --downstream auto --quiet "$@"
