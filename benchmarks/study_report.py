@@ -32,7 +32,7 @@ from typing import Any
 
 from encore_fast.eval.report import RunData, csv_table, load_run, markdown_table
 
-METHODS = ("encore", "memit-seq", "alphaedit")
+METHODS = ("encore", "memit-seq", "alphaedit", "encore-preset")  # (the last: λ_p 150, λ_n 2)
 POINTS = (1000, 5000, 10000)
 ONE_CLASS_F1 = 1 / 3  # weighted F1 of always answering one class on balanced two-class data
 
@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("no matplotlib: no plots")
     else:
-        plot_runs([r.path for r in runs], out / "plots", [r.label for r in runs])
+        shown = [r for r in runs if r.evals]
+        plot_runs([r.path for r in shown], out / "plots", [r.label for r in shown])
     print(markdown_table(rows), end="")
     print(json.dumps(notes, indent=2))
     return 0
