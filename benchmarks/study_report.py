@@ -10,7 +10,9 @@ Collapse (when a baseline's run is stopped): at an evaluation, the edit score on
 facts (ES) is no better than the unedited model's, or the downstream mean F1 has lost more than
 half of its margin over chance (0.5 F1 for the two-class tasks is not what "chance" means for
 weighted F1, so the margin is measured against the score of always answering one class), or the
-perplexity has grown tenfold.
+perplexity has grown tenfold — at two evaluations in a row (the downstream mean over 100
+examples per task moves by a few points between evaluations on its own); the first of the two
+is reported.
 
     python benchmarks/study_report.py --runs ~/.cache/encore_fast/study \
         --out benchmarks/results/study-smollm2-10k
@@ -174,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             if line is not None and line["edits_done"] not in seen:
                 seen.add(line["edits_done"])
                 rows.append(row(run, line))
-        why = next(((e["edits_done"], r) for e in run.evals if (r := collapsed(base, e))), None)
+        pairs = zip(run.evals, run.evals[1:], strict=False)
+        why = next(((e["edits_done"], r) for e, after in pairs
+                    if (r := collapsed(base, e)) and collapsed(base, after)), None)
         notes[run.label] = {"edits": run.batches[-1]["edits_done"] if run.batches else 0,
                             "evaluated_to": run.evals[-1]["edits_done"],
                             "collapsed_at": why, "sec_per_edit": seconds_per_edit(run),
