@@ -12,6 +12,10 @@ After each call the test asserts which backend actually ran (``last_backend``).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -475,3 +479,30 @@ def test_interpreted_launch_leaves_triton_compilable():
     assert not changed, f"triton.language left patched: {changed}"
     with pytest.raises(RuntimeError, match="outside of the scope of a kernel"):
         tl.zeros((2,), dtype=tl.float32)
+
+
+def test_checkout_kernels_folder_does_not_shadow_hugging_face_kernels() -> None:
+    """From the repository root (``python -m`` puts it on ``sys.path``) the folder ``kernels/``
+    must not stand in for Hugging Face's ``kernels`` package that transformers imports."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        "import importlib.util, os, sys\n"
+        "import encore_fast.kernels as ours\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "assert spec is not None and os.path.dirname(spec.origin).endswith('kernels'), spec\n"
+        "try:\n"
+        "    import kernels\n"
+        "except ImportError as e:\n"
+        "    assert 'encore_fast.kernels' in str(e), e\n"
+        "    print('absent')\n"
+        "else:\n"
+        "    assert not hasattr(kernels, 'covariance_update_'), kernels.__file__\n"
+        "    assert os.path.abspath(kernels.__file__) != os.path.abspath(ours.__file__)\n"
+        "    print('handed over')\n"
+        "assert hasattr(ours, 'covariance_update_')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() in {"absent", "handed over"}
