@@ -68,6 +68,16 @@ def synthetic_model(name: str, device: str, dtype: torch.dtype, tokenizer: str |
     return model, tok, layers, stats
 
 
+def edit_requests(n: int) -> list[EditRequest] | None:
+    """The first ``n`` requests of ``counterfact-edit.json`` (None, said on stderr: no data)."""
+    data = default_data_dir()
+    if data is None:
+        print("error: no data folder (set ENCORE_FAST_DATA)", file=sys.stderr)
+        return None
+    records = json.loads((data / "counterfact" / "counterfact-edit.json").read_text())
+    return [EditRequest.from_dict(r) for r in records[:n]]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--method", default="encore")
@@ -82,12 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="tokenizer folder for --synthetic (default: the bundled model's)")
     args = p.parse_args(argv)
 
-    data = default_data_dir()
-    if data is None:
-        print("error: no data folder (set ENCORE_FAST_DATA)", file=sys.stderr)
+    requests = edit_requests(args.n)
+    if requests is None:
         return 2
-    records = json.loads((data / "counterfact" / "counterfact-edit.json").read_text())
-    requests = [EditRequest.from_dict(r) for r in records[: args.n]]
 
     overrides: dict = {}
     if args.synthetic:

@@ -84,6 +84,17 @@ def collapsed(base: dict[str, Any], line: dict[str, Any]) -> str | None:
     return None
 
 
+def collapse_point(evals: list[dict[str, Any]]) -> tuple[int, str] | None:
+    """``(edits, why)`` of the first evaluation that counts as collapsed, with the one after it
+    collapsed too (the first line is the unedited model's); None: the run has not collapsed."""
+    if not evals:
+        return None
+    base = evals[0]
+    pairs = zip(evals, evals[1:], strict=False)
+    return next(((e["edits_done"], why) for e, after in pairs
+                 if (why := collapsed(base, e)) and collapsed(base, after)), None)
+
+
 TUNED = ("lambda_p", "lambda_n", "mpes_extra_steps")
 MIN_ES = 0.85
 
@@ -176,9 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             if line is not None and line["edits_done"] not in seen:
                 seen.add(line["edits_done"])
                 rows.append(row(run, line))
-        pairs = zip(run.evals, run.evals[1:], strict=False)
-        why = next(((e["edits_done"], r) for e, after in pairs
-                    if (r := collapsed(base, e)) and collapsed(base, after)), None)
+        why = collapse_point(run.evals)
         notes[run.label] = {"edits": run.batches[-1]["edits_done"] if run.batches else 0,
                             "evaluated_to": run.evals[-1]["edits_done"],
                             "collapsed_at": why, "sec_per_edit": seconds_per_edit(run),

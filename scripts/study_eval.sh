@@ -8,7 +8,17 @@ cd "$(dirname "$0")/.."
 METHOD=${1:-encore}
 shift || true
 # (outside the checkout, so that a run can span sessions; runs/study may link to it)
-OUT=${OUT:-${STUDY_DIR:-$HOME/.cache/encore_fast/study}/${NAME:-$METHOD}}
+STUDY=${STUDY_DIR:-$HOME/.cache/encore_fast/study}
+OUT=${OUT:-$STUDY/${NAME:-$METHOD}}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec .venv/bin/encore-fast eval-snapshots "$OUT" --dtype bf16 --eval-sample 300 --realistic \
+# The unedited model's evaluation depends only on the stream (its length: the sample is drawn
+# from it) and on the settings below, not on the method: the first run's is shared by the others.
+N=$(.venv/bin/python -c 'import json, sys; print(json.load(open(sys.argv[1]))["num_edits"])' \
+    "$OUT/config.json")
+BASE=$STUDY/baseline-$N.jsonl
+[ -f "$OUT/evals.jsonl" ] || [ ! -f "$BASE" ] || cp "$BASE" "$OUT/evals.jsonl"
+.venv/bin/encore-fast eval-snapshots "$OUT" --dtype bf16 --eval-sample 300 --realistic \
   --forgetting 1000 --downstream auto --quiet "$@"
+if [ ! -f "$BASE" ]; then
+  head -n 1 "$OUT/evals.jsonl" > "$BASE.tmp" && mv "$BASE.tmp" "$BASE"
+fi

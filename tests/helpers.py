@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from encore_fast.editor import Editor
@@ -16,6 +20,17 @@ def counterfact_requests(data_dir: Any, start: int, n: int) -> list[EditRequest]
     """``n`` requests of ``counterfact-train.json`` from record ``start`` on."""
     records = json.loads((data_dir / "counterfact" / "counterfact-train.json").read_text())
     return [EditRequest.from_dict(r) for r in records[start : start + n]]
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` imported as module ``name`` (registered in ``sys.modules``, where
+    dataclasses look their module up; the caller pops it when done)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def small_editor(model: Any, tokenizer: Any, corpus: Any, method: str = "encore",

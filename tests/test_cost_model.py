@@ -3,23 +3,16 @@ and the engines' and stages' ordering on the Llama3-8B shape (meta device: nothi
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import load_benchmark
 from transformers import LlamaConfig
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def cm():
-    path = ROOT / "benchmarks" / "cost_model.py"
-    spec = importlib.util.spec_from_file_location("cost_model", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["cost_model"] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("cost_model")
     yield mod
     sys.modules.pop("cost_model", None)
 

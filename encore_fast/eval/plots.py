@@ -85,13 +85,16 @@ def _panels(runs: Sequence[RunData], keys: Sequence[str], path: str | os.PathLik
 
 
 def plot_perplexity(runs: Sequence[RunData], path: str | os.PathLike[str]) -> Path:
-    """WikiText-2 perplexity vs edits."""
+    """WikiText-2 perplexity vs edits (a log axis: a collapsing run's grows by orders of
+    magnitude, which would flatten the others' on a linear one)."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for c, run in enumerate(runs):
         x, y = _series(run, "perplexity")
         ax.plot(x, y, marker="o", markersize=3, color=f"C{c}", label=run.label)
     ax.set_xlabel("edits")
     ax.set_ylabel("perplexity")
+    if ax.lines:
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=8)

@@ -1,0 +1,64 @@
+"""The 10,000-edit study's rules (benchmarks/study_report.py) on hand-made evaluation lines: when
+a run counts as collapsed (and only at two evaluations in a row), which tuning setting is
+picked, and the seconds per edit it reports."""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import pytest
+from helpers import load_benchmark
+
+
+@pytest.fixture(scope="module")
+def sr():
+    mod = load_benchmark("study_report")
+    yield mod
+    sys.modules.pop("study_report", None)
+
+
+def line(edits: int, es: float = 0.9, f1: float = 0.45, ppl: float = 40.0) -> dict:
+    return {"edits_done": edits, "metrics": {"es": es}, "downstream": {"mean_f1": f1},
+            "perplexity": ppl}
+
+
+BASE = line(0, es=0.3, f1=0.45, ppl=40.0)
+
+
+def test_each_collapse_criterion(sr):
+    assert sr.collapsed(BASE, line(1000)) is None
+    assert "ES" in sr.collapsed(BASE, line(1000, es=0.3))  # no better than unedited
+    assert sr.collapsed(BASE, line(1000, es=0.31)) is None
+    # downstream: margin over one-class F1 (1/3) was 0.45 - 1/3 = 0.117; half of it is lost
+    # below 1/3 + 0.058 = 0.392
+    assert "downstream" in sr.collapsed(BASE, line(1000, f1=0.39))
+    assert sr.collapsed(BASE, line(1000, f1=0.40)) is None
+    assert "perplexity" in sr.collapsed(BASE, line(1000, ppl=401.0))
+    assert sr.collapsed(BASE, line(1000, ppl=399.0)) is None
+
+
+def test_collapse_needs_two_evaluations_in_a_row(sr):
+    evals = [BASE, line(1000), line(2000, ppl=500.0), line(3000), line(4000, es=0.2),
+             line(5000, ppl=900.0), line(6000, ppl=950.0)]
+    # 2,000 alone does not count (3,000 recovers); 4,000 and 5,000 do, for different reasons
+    edits, why = sr.collapse_point(evals)
+    assert edits == 4000 and "ES" in why
+    assert sr.collapse_point(evals[:5]) is None  # the last evaluation alone: not yet
+    assert sr.collapse_point([BASE]) is None and sr.collapse_point([]) is None
+
+
+def test_tuning_rule_picks_least_perplexity_growth_among_made_edits(sr):
+    rows = [{"run": "a", "es": 0.96, "ppl_ratio": 1.30},
+            {"run": "b", "es": 0.87, "ppl_ratio": 1.06},
+            {"run": "c", "es": 0.70, "ppl_ratio": 1.02},
+            {"run": "d", "es": 0.90, "ppl_ratio": None}]
+    assert sr.choose(rows)["run"] == "b"  # c's edits are not made, d has no perplexity
+    assert sr.choose(rows, min_es=0.95)["run"] == "a"
+    assert sr.choose(rows, min_es=0.99) is None
+
+
+def test_seconds_per_edit_is_the_median_batch(sr):
+    run = SimpleNamespace(batches=[{"seconds": s, "n_requests": 100} for s in (300, 50, 60, 55)])
+    assert sr.seconds_per_edit(run) == pytest.approx(0.60)  # upper median of 0.5, 0.55, 0.6, 3
+    assert sr.seconds_per_edit(SimpleNamespace(batches=[])) is None
