@@ -2,7 +2,8 @@
 
 Reads the run folders written by ``scripts/study_run.sh`` (edits, snapshots) and
 ``scripts/study_eval.sh`` (their evaluations), and writes into ``--out``: ``table.md`` /
-``table.csv`` (per method, at 1k, 5k, 10k edits and the last evaluation), ``plots/`` (edit
+``table.csv`` (per method, at 1k, 5k, 10k edits and the last evaluation; ``n_sampled``: how many
+of the sampled records were edited by then and scored), ``plots/`` (edit
 metrics, realistic accuracy and forgetting curve, downstream tasks, perplexity, norm growth per
 layer, the methods overlaid), and each run's ``config.json``, ``results.jsonl``, ``evals.jsonl``.
 
@@ -56,7 +57,7 @@ def row(run: RunData, line: dict[str, Any]) -> dict[str, Any]:
     """One table row: a run at one evaluation."""
     m, f = line.get("metrics", {}), line.get("forgetting") or {}
     down = line.get("downstream") or {}
-    out = {"method": run.label, "edits": line["edits_done"]}
+    out = {"method": run.label, "edits": line["edits_done"], "n_sampled": m.get("n_records")}
     for key in ("es", "ps", "ns", "s", "real_es", "real_ps", "real_ns"):
         out[key] = m.get(key)
     out["first1k_es"], out["first1k_real_es"] = f.get("es"), f.get("real_es")

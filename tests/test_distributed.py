@@ -142,5 +142,10 @@ def test_torchrun_cli_edit_equals_single_process(tiny_dir, corpus, requests, tmp
     assert two.stdout.count("saved to") == 1 and "on 2 ranks" in two.stdout
     a, b = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
     assert sorted(a) == sorted(b)
+    # To fp32 rounding, amplified: each rank optimises its share of the values in other packed
+    # rows (another summation order), Adam turns such differences into step-sized ones, and C0
+    # is summed in another order. Seen on an AMD EPYC: U of layer 3 off by 1.4e-5 where its
+    # largest entry is 0.039 (3.6e-4 of it); a wrong share or sum would be off by O(1) of it.
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+        scale = float(a[name].abs().max()) if a[name].is_floating_point() else 0.0
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=max(1e-5, 1e-3 * scale))
