@@ -2,8 +2,8 @@
 
 Reads the run folders written by ``scripts/study_run.sh`` (edits, snapshots) and
 ``scripts/study_eval.sh`` (their evaluations), and writes into ``--out``: ``table.md`` /
-``table.csv`` (per method, at 1k, 5k, 10k edits and the last evaluation; ``n_sampled``: how many
-of the sampled records were edited by then and scored), ``plots/`` (edit
+``table.csv`` (per method, at 1k, 5k, 10k edits or ``--points`` and the last evaluation;
+``n_sampled``: how many of the sampled records were edited by then and scored), ``plots/`` (edit
 metrics, realistic accuracy and forgetting curve, downstream tasks, perplexity, norm growth per
 layer, the methods overlaid), and each run's ``config.json``, ``results.jsonl``, ``evals.jsonl``.
 
@@ -71,18 +71,19 @@ def row(run: RunData, line: dict[str, Any]) -> dict[str, Any]:
 
 
 def collapsed(base: dict[str, Any], line: dict[str, Any]) -> str | None:
-    """Why the run counts as collapsed at ``line`` (None: it has not)."""
+    """Why the run counts as collapsed at ``line``, every criterion it meets (None: it has not)."""
     m0, m = base.get("metrics", {}), line.get("metrics", {})
+    why = []
     if line["edits_done"] and m.get("es") is not None and m["es"] <= m0.get("es", 0):
-        return f"ES {m['es']:.3f} <= unedited {m0.get('es'):.3f}"
+        why.append(f"ES {m['es']:.3f} <= unedited {m0.get('es'):.3f}")
     d0 = (base.get("downstream") or {}).get("mean_f1")
     d = (line.get("downstream") or {}).get("mean_f1")
     if d0 is not None and d is not None and d - ONE_CLASS_F1 < 0.5 * (d0 - ONE_CLASS_F1):
-        return f"downstream mean F1 {d:.3f} (unedited {d0:.3f})"
+        why.append(f"downstream mean F1 {d:.3f} (unedited {d0:.3f})")
     p0, p = base.get("perplexity"), line.get("perplexity")
     if p0 and p and p > 10 * p0:
-        return f"perplexity {p:.1f} > 10x unedited {p0:.1f}"
-    return None
+        why.append(f"perplexity {p:.1f} > 10x unedited {p0:.1f}")
+    return "; ".join(why) or None
 
 
 def collapse_point(evals: list[dict[str, Any]]) -> tuple[int, str] | None:
@@ -166,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", required=True, help="folder holding one run per method")
     parser.add_argument("--out", required=True, help="results folder")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--points", nargs="+", type=int, default=list(POINTS),
+                        help="edits at which each run is tabled (and its last evaluation)")
     parser.add_argument("--tune", action="store_true",
                         help="the tuning table of <runs>/tune instead")
     args = parser.parse_args(argv)
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         if not run.evals:
             continue
         base = run.evals[0]
-        picked = [_at(run, n) for n in POINTS] + [run.evals[-1]]
+        picked = [_at(run, n) for n in args.points] + [run.evals[-1]]
         seen = set()
         for line in picked:
             if line is not None and line["edits_done"] not in seen:

@@ -13,19 +13,12 @@ shift 2
 TUNE=${TUNE_DIR:-${STUDY_DIR:-$HOME/.cache/encore_fast/study}/tune}
 OUT=$TUNE/$NAME
 DATA=${DATA:-../shared/data/counterfact/counterfact-train.json}
-EVAL=(--dataset "$DATA" --dtype bf16 --eval-sample 300 --realistic --forgetting 1000
-      --downstream auto --quiet)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 RESUME=()
 [ -f "$OUT/config.json" ] && RESUME=(--resume)
 .venv/bin/encore-fast eval --method encore --dtype bf16 --dataset "$DATA" --num-edits "$N" \
   --batch-size 100 --eval-every 10 --defer-eval --out "$OUT" --no-plots --quiet \
   "${RESUME[@]}" "$@"
-# The unedited model's evaluation depends only on the stream and the evaluation settings, not on
-# the setting tried: evaluated by the first run of each length, then shared.
-BASE=$TUNE/baseline-$N.jsonl
-[ -f "$OUT/evals.jsonl" ] || [ ! -f "$BASE" ] || cp "$BASE" "$OUT/evals.jsonl"
-.venv/bin/encore-fast eval-snapshots "$OUT" "${EVAL[@]}"
-if [ ! -f "$BASE" ]; then
-  head -n 1 "$OUT/evals.jsonl" > "$BASE.tmp" && mv "$BASE.tmp" "$BASE"
-fi
+# Evaluated like the study; the unedited model's evaluation is shared by the runs of each length
+# (it depends only on the stream and the evaluation settings, not on the setting tried).
+STUDY_DIR=$TUNE OUT=$OUT bash scripts/study_eval.sh "$NAME" --dataset "$DATA"

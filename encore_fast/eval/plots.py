@@ -93,10 +93,9 @@ def plot_perplexity(runs: Sequence[RunData], path: str | os.PathLike[str]) -> Pa
         ax.plot(x, y, marker="o", markersize=3, color=f"C{c}", label=run.label)
     ax.set_xlabel("edits")
     ax.set_ylabel("perplexity")
-    if ax.lines:
-        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     if ax.lines:
+        ax.set_yscale("log")
         ax.legend(fontsize=8)
     return _save(fig, Path(path))
 
