@@ -21,4 +21,4 @@ RESUME=()
   "${RESUME[@]}" "$@"
 # Evaluated like the study; the unedited model's evaluation is shared by the runs of each length
 # (it depends only on the stream and the evaluation settings, not on the setting tried).
-STUDY_DIR=$TUNE OUT=$OUT bash scripts/study_eval.sh "$NAME" --dataset "$DATA"
+STUDY_DIR=$TUNE bash scripts/study_eval.sh "$NAME" --dataset "$DATA"
