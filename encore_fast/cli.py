@@ -18,6 +18,8 @@ from encore_fast.errors import ConfigError, EncoreFastError
 from encore_fast.eval.cli import positive_int
 from encore_fast.eval.datasets import DatasetError
 from encore_fast.eval.run import RunConfigError
+from encore_fast.models.dtypes import DTYPES
+from encore_fast.models.loading import pad_id
 from encore_fast.requests import EditRequest
 
 DEMO_EDITS = [
@@ -44,11 +46,10 @@ def complete(model: torch.nn.Module, tokenizer: Any, prompt: str, n_tokens: int 
     """Greedy continuation of ``prompt`` (a few tokens), for showing what the model says."""
     ids = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
     out = model.generate(**ids, max_new_tokens=n_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
+                         pad_token_id=pad_id(tokenizer))
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def check_settings(model: str | None, method: str, preset: str | None,

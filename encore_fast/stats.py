@@ -25,6 +25,7 @@ from encore_fast.errors import EncoreFastError, StatsError
 from encore_fast.io import atomic_save, tensors_digest
 from encore_fast.models.arch import ModelView
 from encore_fast.models.hooks import capture_mlp_inputs, run_until
+from encore_fast.models.loading import pad_id
 from encore_fast.models.placement import input_device
 from encore_fast.requests import encode
 
@@ -410,5 +411,5 @@ def sample_corpus(model: torch.nn.Module, tokenizer: Any, n: int = 64, length: i
     ids = [encode(tokenizer, p) for p in prompts]
     x = torch.tensor(ids, device=device)
     out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=True, top_k=50,
-                         max_new_tokens=length, pad_token_id=tokenizer.pad_token_id)
+                         max_new_tokens=length, pad_token_id=pad_id(tokenizer))
     return tokenizer.batch_decode(out, skip_special_tokens=True)

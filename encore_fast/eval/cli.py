@@ -17,8 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from encore_fast.config import parse_overrides  # (also re-exported: the one --set parser)
 from encore_fast.eval.datasets import (
     LAYOUTS,
@@ -29,12 +27,12 @@ from encore_fast.eval.datasets import (
 )
 from encore_fast.eval.report import load_run, markdown_table, summarize_run
 from encore_fast.eval.run import EvalSettings, RunConfigError, arrange_batches, run_sequential
+from encore_fast.models.dtypes import DTYPES
 
 DEFAULT_DATASET = "counterfact/counterfact-edit.json"
 DEFAULT_WIKITEXT = "wikitext-2/test.txt"
 DEFAULT_KNOWN = "known_1000.json"
 DEFAULT_DOWNSTREAM = "downstream"
-DTYPES = ("fp32", "bf16", "fp16")
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:
@@ -65,7 +63,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                    help="settings preset (auto: from the model name; see encore_fast.config)")
     g.add_argument("--engine", default="fast", choices=ENGINES,
                    help="editing engine: fast (default) or reference (the published algorithm)")
-    g.add_argument("--dtype", default="fp32", choices=DTYPES,
+    g.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
                    help="model dtype; bf16/fp16 edit with fp32 master weights (default: fp32)")
     g.add_argument("--corpus", default=None, help="text corpus for the key statistics C0")
     g.add_argument(
@@ -212,8 +210,7 @@ def editor_factory(
             preset=args.preset,
             engine=args.engine,
             corpus=args.corpus,
-            dtype={"fp32": torch.float32, "bf16": torch.bfloat16,
-                   "fp16": torch.float16}[getattr(args, "dtype", "fp32")],
+            dtype=DTYPES[getattr(args, "dtype", "fp32")],
             **overrides,
         )
 
@@ -356,9 +353,7 @@ def run_eval_snapshots(args: argparse.Namespace) -> int:
         settings = settings_from_args(args)
         check_eval_data(settings)
         check_model(args.model)
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-            args.dtype]
-        model, tokenizer = load_model(args.model, dtype=dtype)  # (in eval mode)
+        model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])  # (in eval mode)
         if settings.wikitext:
             check_perplexity_text(settings, tokenizer)
         evaluate_snapshots(run, model, tokenizer, records, settings, follow=args.follow,

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from encore_fast.eval.datasets import EvalRecord
-from encore_fast.eval.metrics import pad_id
+from encore_fast.models.loading import pad_id
 from encore_fast.models.placement import input_device
 from encore_fast.requests import encode, target_token_ids
 

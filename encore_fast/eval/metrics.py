@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 
 from encore_fast.eval.datasets import EvalRecord
+from encore_fast.models.loading import pad_id
 from encore_fast.models.placement import input_device
 from encore_fast.requests import encode, target_token_ids
 
@@ -39,15 +40,6 @@ class TargetScore:
     def accuracy(self) -> float:
         """Share of target tokens predicted top-1 (zsRE's token accuracy)."""
         return self.correct.float().mean().item()
-
-
-def pad_id(tokenizer: Any) -> int:
-    """Token used for right padding (masked out, so any valid id works)."""
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            return int(value)
-    return 0
 
 
 @torch.no_grad()

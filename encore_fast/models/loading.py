@@ -20,6 +20,16 @@ BUNDLED_NAMES = {"smollm2-135m", "smollm2", "bundled"}
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id used for padding: the tokenizer's pad token, else its end-of-sequence token, else
+    0 (padded positions are masked out, so any valid id serves)."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
 def cache_dir() -> Path:
     """Root of encore_fast's caches: ``$ENCORE_FAST_CACHE`` or ``~/.cache/encore_fast``."""
     root = os.environ.get("ENCORE_FAST_CACHE") or Path.home() / ".cache" / "encore_fast"

@@ -32,6 +32,7 @@ from torch import nn
 
 from encore_fast.config import EditConfig
 from encore_fast.models.arch import ModelView, StandIn, block_hidden, stand_ins
+from encore_fast.models.loading import pad_id
 from encore_fast.values.attention import Fixed, packed_attention_mode
 from encore_fast.values.objective import (
     StopRule,
@@ -41,7 +42,7 @@ from encore_fast.values.objective import (
     value_loss,
 )
 from encore_fast.values.packing import Layout, Segment
-from encore_fast.values.prompts import ValuePrompts, pad_id_of
+from encore_fast.values.prompts import ValuePrompts
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -359,7 +360,7 @@ def _optimize(
     """The steps of one chunk: packed forward, read-out, loss; stopped requests leave; one
     backward for the others, per-row Adam, clamp."""
     device = view.device
-    ps = _Prompts(prompts, view, layer, pad_id_of(tokenizer), fixed)
+    ps = _Prompts(prompts, view, layer, pad_id(tokenizer), fixed)
     _check_window(view, ps)
     ps.prepare()
     n = len(prompts)

@@ -21,8 +21,9 @@ import torch
 
 from encore_fast.models.arch import ModelView, block_hidden, stand_ins
 from encore_fast.models.hooks import StopForward, run_until
+from encore_fast.models.loading import pad_id
 from encore_fast.requests import EditRequest
-from encore_fast.values.prompts import PromptTokens, pad_batch, pad_id_of
+from encore_fast.values.prompts import PromptTokens, pad_batch
 
 
 def _subject_rows(
@@ -46,7 +47,7 @@ class _Chunks:
         dev = view.device
         self.items = []
         for s in range(0, len(ids), chunk):
-            x, m = pad_batch(ids[s : s + chunk], pad_id_of(tokenizer), dev)
+            x, m = pad_batch(ids[s : s + chunk], pad_id(tokenizer), dev)
             idx = torch.tensor(lookup[s : s + chunk], device=dev)
             self.items.append((x, m, idx))
         self.start: list[torch.Tensor | None] = [None] * len(self.items)

@@ -91,7 +91,3 @@ def pad_batch(
         mask[i, : len(s)] = 1
     return ids.to(device), mask.to(device)
 
-
-def pad_id_of(tokenizer: Any) -> int:
-    pid = tokenizer.pad_token_id
-    return int(pid if pid is not None else (tokenizer.eos_token_id or 0))

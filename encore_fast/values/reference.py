@@ -16,6 +16,7 @@ import torch
 from encore_fast.config import EditConfig
 from encore_fast.models.arch import ModelView, block_hidden, replace_block_hidden
 from encore_fast.models.hooks import editing_mode
+from encore_fast.models.loading import pad_id
 from encore_fast.values.objective import (
     StopRule,
     ValueResult,
@@ -23,7 +24,7 @@ from encore_fast.values.objective import (
     prompts_correct,
     value_loss,
 )
-from encore_fast.values.prompts import ValuePrompts, pad_batch, pad_id_of
+from encore_fast.values.prompts import ValuePrompts, pad_batch
 
 
 def optimize_value(
@@ -31,7 +32,7 @@ def optimize_value(
 ) -> ValueResult:
     """Optimise δ for one request and return its target value ``z`` (fp32, ``[d_model]``)."""
     device = view.device
-    ids, attn = pad_batch(prompts.input_ids, pad_id_of(tokenizer), device)
+    ids, attn = pad_batch(prompts.input_ids, pad_id(tokenizer), device)
     lookup = torch.tensor(prompts.lookup, device=device)
     rows = torch.arange(len(prompts.input_ids), device=device)
     n_rw, t = prompts.n_rewrite, len(prompts.target_ids)
