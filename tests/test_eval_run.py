@@ -7,6 +7,7 @@ import json
 import pytest
 
 import encore_fast.eval.run as run_mod
+import encore_fast.eval.runfolder as folder_mod
 from encore_fast.eval.datasets import EvalRecord
 from encore_fast.eval.run import (
     EvalSettings,
@@ -15,6 +16,7 @@ from encore_fast.eval.run import (
     read_results,
     run_sequential,
 )
+from encore_fast.eval.scores import Forgetting
 from encore_fast.eval.testing import FakeEditor
 from encore_fast.requests import EditRequest
 
@@ -111,17 +113,17 @@ def test_interrupted_run_resumes_without_redoing_batches(tmp_path, settings):
 def test_interrupted_after_saving_before_logging(tmp_path, settings, monkeypatch):
     log: list = []
     out = tmp_path / "run"
-    real_append = run_mod.append_jsonl
+    real_append = folder_mod.append_jsonl  # (the run folder appends the lines)
 
     def append(path, line):
         if line.get("type") == "batch" and line.get("batch") == 1:
             raise KeyboardInterrupt
         real_append(path, line)
 
-    monkeypatch.setattr(run_mod, "append_jsonl", append)
+    monkeypatch.setattr(folder_mod, "append_jsonl", append)
     with pytest.raises(KeyboardInterrupt):
         go(lambda: FakeEditor(log), out, settings)
-    monkeypatch.setattr(run_mod, "append_jsonl", real_append)
+    monkeypatch.setattr(folder_mod, "append_jsonl", real_append)
     go(lambda: FakeEditor(log), out, settings, resume=True)
     assert log == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
     lines = read_results(out / "results.jsonl")
@@ -246,8 +248,8 @@ def test_forgetting_curve_scores_the_first_edited_facts(settings, monkeypatch):
     seen = []
     ed = FakeEditor()
     ev = Evaluator(ed.tokenizer, stream(), dataclasses.replace(settings, forgetting=4))
-    monkeypatch.setattr(ev, "_first_facts",
-                        lambda model, first: seen.append([r.index for r in first]) or {})
+    monkeypatch.setattr(Forgetting, "first_facts",
+                        lambda self, point, first: seen.append([r.index for r in first]) or {})
     for done in (0, 3, 6, 10):
         line = ev(ed.model, done)
         assert ("forgetting" in line) == (done > 0)

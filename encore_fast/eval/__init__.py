@@ -1,7 +1,8 @@
 """encore_fast.eval: data sets, edit metrics, degradation checks and sequential editing runs.
 
-The editor never imports this package. Plots (``encore_fast.eval.plots``) need matplotlib and
-are imported on demand.
+A metric is one :class:`Metric` object, registered with :func:`register_metric` (see
+``encore_fast.eval.seam``). The editor never imports this package. Plots
+(``encore_fast.eval.plots``) need matplotlib and are imported on demand.
 """
 
 from encore_fast.eval.datasets import (
@@ -25,14 +26,23 @@ from encore_fast.eval.metrics import (
     score_targets,
     zsre_metrics,
 )
+from encore_fast.eval.registry import register as register_metric
+from encore_fast.eval.registry import registered as registered_metrics
+from encore_fast.eval.registry import unregister as unregister_metric
 from encore_fast.eval.run import EvalSettings, RunConfigError, read_results, run_sequential
+from encore_fast.eval.seam import EvalPoint, Figure, Metric, Option, Series
 
 __all__ = [
     "DatasetError",
+    "EvalPoint",
     "EvalRecord",
     "EvalSettings",
+    "Figure",
     "KnownFact",
+    "Metric",
+    "Option",
     "RunConfigError",
+    "Series",
     "counterfact_metrics",
     "default_data_dir",
     "evaluate_records",
@@ -43,8 +53,11 @@ __all__ = [
     "next_token_is",
     "parse_records",
     "read_results",
+    "register_metric",
+    "registered_metrics",
     "run_sequential",
     "score_targets",
+    "unregister_metric",
     "wikitext_perplexity",
     "zsre_metrics",
 ]

@@ -22,17 +22,21 @@ from encore_fast.eval.datasets import (
     LAYOUTS,
     DatasetError,
     EvalRecord,
-    default_data_dir,
     load_dataset,
 )
+from encore_fast.eval.health import (  # noqa: F401 (the data defaults, importable from here)
+    DEFAULT_DOWNSTREAM,
+    DEFAULT_KNOWN,
+    DEFAULT_WIKITEXT,
+)
+from encore_fast.eval.registry import enabled_metrics, registered
 from encore_fast.eval.report import load_run, markdown_table, summarize_run
 from encore_fast.eval.run import EvalSettings, RunConfigError, arrange_batches, run_sequential
+from encore_fast.eval.seam import Option, data_file
+from encore_fast.eval.settings import FIELDS
 from encore_fast.models.dtypes import DTYPES
 
 DEFAULT_DATASET = "counterfact/counterfact-edit.json"
-DEFAULT_WIKITEXT = "wikitext-2/test.txt"
-DEFAULT_KNOWN = "known_1000.json"
-DEFAULT_DOWNSTREAM = "downstream"
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:
@@ -74,6 +78,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="hyper-parameter override (VALUE parsed as JSON when it can be); repeatable",
     )
+    _add_stream_options(parser)
+    _add_evaluation_options(parser)
+
+
+def _add_stream_options(parser: argparse.ArgumentParser) -> None:
+    """The edit stream: data, layout, size and batches."""
     g = parser.add_argument_group("edit stream")
     g.add_argument("--dataset", default="auto", help=f"data file or URL (auto: {DEFAULT_DATASET})")
     g.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS),
@@ -87,6 +97,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-edits", type=positive_int, default=100,
                    help="edits in the stream (default: 100)")
     g.add_argument("--batch-size", type=positive_int, default=10, help="edits per batch")
+
+
+def _add_evaluation_options(parser: argparse.ArgumentParser) -> None:
+    """When and on what the evaluations run, each registered metric's options, and output."""
     g = parser.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=non_negative_int, default=2,
                    help="evaluate every k batches (0: end)")
@@ -97,39 +111,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         help="evaluate a fixed random sample of this many records (0: all)",
     )
     g.add_argument("--seed", type=int, default=0, help="seed of that sample")
-    g.add_argument(
-        "--wikitext", default="auto", help=f"perplexity text (auto: {DEFAULT_WIKITEXT}; none: skip)"
-    )
-    g.add_argument("--ppl-tokens", type=positive_int, default=8192, help="first tokens scored")
-    g.add_argument("--ppl-window", type=positive_int, default=256, help="window length in tokens")
-    g.add_argument("--known-facts", default="auto", help=f"auto: {DEFAULT_KNOWN}; none: skip")
-    g.add_argument("--known-n", type=non_negative_int, default=200,
-                   help="first known facts checked (0: all)")
-    g.add_argument(
-        "--gen-tokens",
-        type=non_negative_int,
-        default=0,
-        help="greedy tokens per generation prompt for GE (0: no GE)",
-    )
-    g.add_argument(
-        "--gen-source",
-        default="dataset",
-        choices=("dataset", "rewrite"),
-        help="GE prompts: the data's generation_prompts, or the rewrite prompts",
-    )
-    g.add_argument("--downstream", default="none",
-                   help=f"folder of the downstream task files (auto: {DEFAULT_DOWNSTREAM} in "
-                        "the data folder; none: skip, the default)")
-    g.add_argument("--downstream-n", type=positive_int, default=100,
-                   help="test examples per downstream task (default: 100)")
-    g.add_argument("--downstream-shots", type=non_negative_int, default=3,
-                   help="few-shot examples per downstream task (default: 3)")
-    g.add_argument("--realistic", action="store_true",
-                   help="also score greedy generations (real_es, real_ps, real_ns)")
-    g.add_argument("--realistic-neighbours", type=non_negative_int, default=2,
-                   help="neighbourhood prompts per record that are generated (default: 2)")
-    g.add_argument("--forgetting", type=non_negative_int, default=0,
-                   help="also score the first N edited facts at each evaluation (0: off)")
+    for metric in registered():
+        for option in metric.options:
+            _add_option(g, option)
     g.add_argument("--defer-eval", action="store_true",
                    help="only save weight snapshots at the evaluation points; evaluate them "
                         "with 'encore-fast eval-snapshots' (e.g. beside the run)")
@@ -137,6 +121,19 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                    help="prompts per forward")
     g.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_option(group: Any, option: Option) -> None:
+    """A metric's option as an argparse argument (integers with a minimum checked)."""
+    if option.switch:
+        group.add_argument(option.flag, action="store_true", help=option.help)
+        return
+    kind = option.type
+    if option.minimum is not None:
+        kind = _int_at_least(option.minimum)
+    extra = {"choices": option.choices} if option.choices is not None else {}
+    group.add_argument(option.flag, type=kind, default=option.default, help=option.help,
+                       **extra)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -150,49 +147,33 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
 
 
-def _data_file(value: str, default: str, what: str) -> str | None:
-    """A path from an option: ``none`` -> None, ``auto`` -> the shared data folder's file."""
-    if value.lower() == "none":
-        return None
-    if value != "auto":
-        return value
-    base = default_data_dir()
-    if base is None or not (base / default).exists():
-        raise DatasetError(
-            f"no {what} given and no shared data folder found; pass a path, or set "
-            "ENCORE_FAST_DATA to the data folder"
-        )
-    return str(base / default)
-
-
 def records_from_args(args: argparse.Namespace) -> list[EvalRecord]:
     """The edit stream's records (the first ``--num-edits`` of the data set)."""
-    source = _data_file(args.dataset, DEFAULT_DATASET, "--dataset")
+    source = data_file(args.dataset, DEFAULT_DATASET, "--dataset")
     if source is None:
         raise DatasetError("--dataset none: an edit stream is required")
     return load_dataset(source, layout=args.layout, on_error=args.on_error, limit=args.num_edits)
 
 
 def settings_from_args(args: argparse.Namespace) -> EvalSettings:
-    """The evaluation settings the options describe."""
+    """The evaluation settings the options describe (each registered metric's options fill its
+    settings; those of metrics added later go into ``metric_settings`` when not default)."""
+    fields: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for metric in registered():
+        for option in metric.options:
+            value = option.setting_value(getattr(args, option.dest, option.default))
+            if option.setting in FIELDS:
+                fields[option.setting] = value
+            elif value != metric.settings.get(option.setting):
+                extra[option.setting] = value
     return EvalSettings(
         sample=args.eval_sample or None,
         seed=args.seed,
         batch_size=args.score_batch_size,
-        generation_tokens=args.gen_tokens,
-        generation_source=args.gen_source,
-        wikitext=_data_file(args.wikitext, DEFAULT_WIKITEXT, "--wikitext"),
-        ppl_tokens=args.ppl_tokens,
-        ppl_window=args.ppl_window,
-        known_facts=_data_file(args.known_facts, DEFAULT_KNOWN, "--known-facts"),
-        known_n=args.known_n or None,
-        downstream=_data_file(args.downstream, DEFAULT_DOWNSTREAM, "--downstream"),
-        downstream_n=args.downstream_n,
-        downstream_shots=args.downstream_shots,
-        realistic=args.realistic,
-        realistic_neighbours=args.realistic_neighbours,
-        forgetting=args.forgetting,
         defer=getattr(args, "defer_eval", False),
+        metric_settings=extra,
+        **fields,
     )
 
 
@@ -218,50 +199,34 @@ def editor_factory(
 
 
 def _checked_factory(build: Callable[[], Any], settings: EvalSettings) -> Callable[[], Any]:
-    """``build``, then the perplexity text checked against the editor's tokenizer (one window
-    at least), before a run folder is made."""
+    """``build``, then the evaluation data checked against the editor's tokenizer (e.g. one
+    perplexity window at least), before a run folder is made."""
 
     def checked() -> Any:
         editor = build()
-        if settings.wikitext:
-            check_perplexity_text(settings, editor.tokenizer)
+        check_eval_tokenizer(settings, editor.tokenizer)
         return editor
 
     return checked
 
 
 def check_eval_data(settings: EvalSettings) -> None:
-    """Refuse, before a model is loaded, evaluation data that cannot be used: a perplexity text
-    that is missing or not UTF-8, fewer ``--ppl-tokens`` than one ``--ppl-window``, known facts
-    that are missing or malformed (:class:`DatasetError`)."""
-    from encore_fast.eval.degradation import load_known_facts
-
-    if settings.wikitext:
-        if settings.ppl_tokens < settings.ppl_window:
-            raise DatasetError(f"--ppl-tokens {settings.ppl_tokens} is less than one "
-                               f"--ppl-window of {settings.ppl_window}")
-        path = Path(settings.wikitext)
-        if not path.is_file():
-            raise DatasetError(f"--wikitext {path}: no such file")
-        try:
-            path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise DatasetError(f"--wikitext {path}: not a UTF-8 text file ({exc})") from None
-    if settings.known_facts:
-        if not Path(settings.known_facts).is_file():
-            raise DatasetError(f"--known-facts {settings.known_facts}: no such file")
-        load_known_facts(settings.known_facts, settings.known_n)
+    """Refuse, before a model is loaded, evaluation data that cannot be used (each metric the
+    settings ask for checks its own: e.g. a perplexity text that is missing or not UTF-8, fewer
+    ``--ppl-tokens`` than one ``--ppl-window``, known facts that are missing or malformed;
+    :class:`DatasetError`)."""
+    for metric in enabled_metrics(settings):
+        metric.check(settings)
 
 
-def check_perplexity_text(settings: EvalSettings, tokenizer: Any) -> None:
-    """The perplexity text gives at least one window of ``ppl_window`` tokens."""
-    from encore_fast.eval.degradation import perplexity_windows
+def check_eval_tokenizer(settings: EvalSettings, tokenizer: Any) -> None:
+    """The evaluation data work with the model's tokenizer (e.g. the perplexity text gives at
+    least one window of ``ppl_window`` tokens)."""
+    for metric in enabled_metrics(settings):
+        metric.check_tokenizer(settings, tokenizer)
 
-    text = Path(settings.wikitext or "").read_text(encoding="utf-8")
-    try:
-        perplexity_windows(tokenizer, text, settings.ppl_tokens, settings.ppl_window)
-    except ValueError as exc:  # (too short a text: the one ValueError it raises)
-        raise DatasetError(f"--wikitext {settings.wikitext}: {exc}") from None
+
+check_perplexity_text = check_eval_tokenizer  # (its former name)
 
 
 def run_info(args: argparse.Namespace, method: str, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -354,8 +319,7 @@ def run_eval_snapshots(args: argparse.Namespace) -> int:
         check_eval_data(settings)
         check_model(args.model)
         model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])  # (in eval mode)
-        if settings.wikitext:
-            check_perplexity_text(settings, tokenizer)
+        check_eval_tokenizer(settings, tokenizer)
         evaluate_snapshots(run, model, tokenizer, records, settings, follow=args.follow,
                            progress=not args.quiet)
     except USER_ERRORS as exc:

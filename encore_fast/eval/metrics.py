@@ -159,6 +159,30 @@ def counterfact_metrics(
     records' ``generation_prompts`` (records without them are skipped) or, with
     ``generation_source="rewrite"``, from each rewrite prompt (for data without them).
     """
+    pairs, slots = _counterfact_pairs(records, groups)
+    scores = score_targets(
+        model, tokenizer, [p for p, _ in pairs], [t for _, t in pairs], batch_size
+    )
+    hits: dict[str, dict[int, list[bool]]] = {g: {} for g in groups}
+    for k, (r, group) in enumerate(slots):
+        p_new, p_true = scores[2 * k].mean_prob, scores[2 * k + 1].mean_prob
+        ok = p_new > p_true if group in ("es", "ps") else p_true > p_new
+        hits[group].setdefault(r, []).append(ok)
+    result: dict[str, float | int | None] = {"n_records": len(records)}
+    for group, per_record in hits.items():
+        result[group] = _mean([sum(h) / len(h) for h in per_record.values()])
+    present = [v for v in (result.get(g) for g in ("es", "ps", "ns")) if v is not None]
+    result["s"] = harmonic_mean(present) if present else None  # type: ignore[arg-type]
+    if generation_tokens > 0:
+        result["ge"] = records_generation_entropy(model, tokenizer, records, generation_tokens,
+                                                  generation_source)
+    return result
+
+
+def _counterfact_pairs(records: Sequence[EvalRecord], groups: tuple[str, ...]) -> tuple[
+        list[tuple[str, str]], list[tuple[int, str]]]:
+    """The (prompt, target) pairs to score -- new target, then true one, per prompt -- and the
+    (record, group) of each prompt."""
     pairs: list[tuple[str, str]] = []
     slots: list[tuple[int, str]] = []  # (record, group) for each scored prompt
     for r, rec in enumerate(records):
@@ -177,28 +201,26 @@ def counterfact_metrics(
             for prompt in prompts:
                 pairs += [(prompt, new), (prompt, truth)]
                 slots.append((r, group))
-    scores = score_targets(
-        model, tokenizer, [p for p, _ in pairs], [t for _, t in pairs], batch_size
-    )
-    hits: dict[str, dict[int, list[bool]]] = {g: {} for g in groups}
-    for k, (r, group) in enumerate(slots):
-        p_new, p_true = scores[2 * k].mean_prob, scores[2 * k + 1].mean_prob
-        ok = p_new > p_true if group in ("es", "ps") else p_true > p_new
-        hits[group].setdefault(r, []).append(ok)
-    result: dict[str, float | int | None] = {"n_records": len(records)}
-    for group, per_record in hits.items():
-        result[group] = _mean([sum(h) / len(h) for h in per_record.values()])
-    present = [v for v in (result.get(g) for g in ("es", "ps", "ns")) if v is not None]
-    result["s"] = harmonic_mean(present) if present else None  # type: ignore[arg-type]
-    if generation_tokens > 0:
-        texts = []
-        for rec in records:
-            prompts = rec.generation_prompts
-            if generation_source == "rewrite":
-                prompts = [rec.request.text]
-            texts += [greedy_generate(model, tokenizer, p, generation_tokens) for p in prompts]
-        result["ge"] = generation_entropy(texts) if texts else None
-    return result
+    return pairs, slots
+
+
+def records_generation_entropy(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    records: Sequence[EvalRecord],
+    generation_tokens: int,
+    generation_source: Literal["dataset", "rewrite"] = "dataset",
+) -> float | None:
+    """GE of ``records``: greedy generations of ``generation_tokens`` tokens from their
+    ``generation_prompts`` (or, with ``generation_source="rewrite"``, their rewrite prompts);
+    None when no record has a prompt."""
+    texts = []
+    for rec in records:
+        prompts = rec.generation_prompts
+        if generation_source == "rewrite":
+            prompts = [rec.request.text]
+        texts += [greedy_generate(model, tokenizer, p, generation_tokens) for p in prompts]
+    return generation_entropy(texts) if texts else None
 
 
 # --- zsRE ----------------------------------------------------------------------------------
@@ -256,16 +278,22 @@ def evaluate_records(
     generation_source: Literal["dataset", "rewrite"] = "dataset",
 ) -> dict[str, float | int | None]:
     """The metrics for ``records``' kind (all records must be of one kind)."""
-    kinds = {rec.kind for rec in records}
-    if len(kinds) > 1:
-        raise ValueError(f"records mix kinds {sorted(kinds)}; evaluate them separately")
+    kind = records_kind(records)
     if not records:
         return {"n_records": 0}
-    if kinds == {"zsre"}:
+    if kind == "zsre":
         return zsre_metrics(model, tokenizer, records, batch_size)
     return counterfact_metrics(
         model, tokenizer, records, batch_size, generation_tokens, generation_source
     )
+
+
+def records_kind(records: Sequence[EvalRecord]) -> str | None:
+    """The one kind of ``records`` (None for none); records of several kinds are an error."""
+    kinds = {rec.kind for rec in records}
+    if len(kinds) > 1:
+        raise ValueError(f"records mix kinds {sorted(kinds)}; evaluate them separately")
+    return next(iter(kinds), None)
 
 
 # --- generation entropy --------------------------------------------------------------------

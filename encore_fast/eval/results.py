@@ -1,7 +1,9 @@
-"""The files of a run folder and how they are read and written (JSON lines, made durable).
+"""The files of a run folder and how they are read and written (JSON lines, made durable),
+and a finished (or running) run read back (:class:`RunData`).
 
-Shared by the runner (:mod:`encore_fast.eval.run`) and the reports and plots
-(:mod:`encore_fast.eval.report`), which read a run without importing the runner.
+Shared by the runner (:mod:`encore_fast.eval.run`), the metrics' summaries and plots
+(:mod:`encore_fast.eval.seam`) and the reports (:mod:`encore_fast.eval.report`), which read a run
+without importing the runner.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +66,7 @@ def read_results(path: str | os.PathLike[str], repair: bool = False) -> list[dic
 
 
 def as_dict(obj: Any) -> dict[str, Any]:
+    """The fields of a dataclass, mapping or plain object, as a dict."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
     if isinstance(obj, Mapping):
@@ -87,3 +91,61 @@ def json_safe(obj: Any) -> Any:
     return str(obj)
 
 
+@dataclass
+class RunData:
+    """One run folder: its config, batch lines and evaluation lines."""
+
+    label: str
+    path: Path
+    config: dict[str, Any] = field(default_factory=dict)
+    batches: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+    def original_norms(self) -> dict[int, float]:
+        """Edited matrices' norms before any edit (the evaluation at 0 edits)."""
+        for line in self.evals:
+            if line.get("edits_done") == 0 and line.get("weight_norms"):
+                return _int_keys(line["weight_norms"])
+        return {}
+
+    def norm_series(self) -> tuple[list[int], dict[int, list[float]]]:
+        """Edits done, and per layer ``||W||/||W_0||`` after each batch (0 edits included)."""
+        original = self.original_norms()
+        points = [(0, original)] if original else []
+        points += [
+            (b["edits_done"], _int_keys(b["weight_norms"]))
+            for b in self.batches
+            if b.get("weight_norms")
+        ]
+        edits = [e for e, _ in points]
+        ratios = {
+            layer: [norms.get(layer, float("nan")) / w0 for _, norms in points]
+            for layer, w0 in sorted(original.items())
+        }
+        return edits, ratios
+
+
+def load_run(path: str | os.PathLike[str], label: str | None = None) -> RunData:
+    """Read a run folder written by :func:`encore_fast.eval.run.run_sequential` (evaluations
+    of its snapshots in ``evals.jsonl`` replace those of the same point in the results)."""
+    path = Path(path)
+    cfg_file = path / CONFIG_FILE
+    config = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.exists() else {}
+    lines = read_results(path / RESULTS_FILE)
+    deferred = [x for x in read_results(path / EVALS_FILE) if x.get("type") == "eval"]
+    later = {x["batches"] for x in deferred}  # (a snapshot's later evaluation wins)
+    evals = [x for x in lines if x.get("type") == "eval" and x["batches"] not in later]
+    evals = sorted(evals + deferred, key=lambda x: x["batches"])
+    info = config.get("run_info") or {}
+    label = label or info.get("label") or config.get("method") or path.name
+    return RunData(
+        label=str(label),
+        path=path,
+        config=config,
+        batches=[x for x in lines if x.get("type") == "batch"],
+        evals=evals,
+    )
+
+
+def _int_keys(d: dict[str, float]) -> dict[int, float]:
+    return {int(k): float(v) for k, v in d.items()}
