@@ -25,6 +25,7 @@ import torch
 from csv_rows import append_rows
 
 from encore_fast.distributed import free_port
+from encore_fast.machine import cpu_model
 
 LAYERS = [4, 5, 6, 7, 8]
 SHAPES = {  # d_model, d_ff (the edited matrix is d_ff -> d_model), edited layers, batch
@@ -119,13 +120,11 @@ def main(argv: list[str] | None = None) -> int:
               f"MB values + {b['update'] / 1e6:.2f} MB update = {b['per_batch'] / 1e6:.2f} MB; "
               f"statistics all_reduce once {b['stats_all_reduce'] / 1e6:.0f} MB")
     if args.out:
-        from bench_precision import cpu_name
-
         b = comm_bytes(*SHAPES["smollm2-135m"])
         append_rows(args.out, ["date", "cpu", "texts", "world", "one_process_s",
                                "distributed_s", "speedup", "max_rel_diff",
                                "smollm2_batch_bytes"],
-                    [[datetime.date.today().isoformat(), cpu_name(), len(texts), args.world,
+                    [[datetime.date.today().isoformat(), cpu_model(), len(texts), args.world,
                       round(t_one, 2), round(t_many, 2), round(t_one / t_many, 3), diff,
                       b["per_batch"]]])
     return 0

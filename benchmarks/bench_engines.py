@@ -16,7 +16,6 @@ import argparse
 import copy
 import datetime as dt
 import json
-import platform
 import sys
 import time
 
@@ -24,6 +23,7 @@ import torch
 from csv_rows import append_rows
 
 from encore_fast.editor import Editor
+from encore_fast.machine import describe_machine
 from encore_fast.models import ModelView, load_model
 from encore_fast.models.fingerprint import model_fingerprint
 from encore_fast.paths import default_corpus, default_data_dir
@@ -39,12 +39,6 @@ SYNTHETIC = {
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
                   max_position_embeddings=512), [2, 3]),
 }
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def synthetic_model(name: str, device: str, dtype: torch.dtype, tokenizer: str | None = None):
@@ -144,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"speed-up fast vs reference: {ratio:.1f}x "
               f"(values {rows['reference']['values'] / rows['fast']['values']:.1f}x, "
               f"update {rows['reference']['update'] / rows['fast']['update']:.1f}x)")
-    dev = device_name(args.device)
+    dev = describe_machine(args.device)
     print(f"device: {dev}; model: {model_label}; method {args.method}; {args.n} edits, "
           f"batch {args.batch_size}; torch {torch.__version__}")
     if args.out:

@@ -26,7 +26,6 @@ import argparse
 import csv
 import datetime as _dt
 import os
-import platform
 import re
 import statistics
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 import torch
 
 from encore_fast import kernels as K
+from encore_fast.machine import describe_machine
 
 apply_lowrank_update_naive = K.lowrank_update.apply_lowrank_update_naive
 
@@ -63,20 +63,6 @@ def resolve_shapes(name: str, device: torch.device) -> str:
     return name
 
 
-def device_name(device: torch.device) -> str:
-    """Human-readable device name (GPU model, or the CPU model from /proc/cpuinfo)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-        if match:
-            return f"{match.group(1).strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
 def environment(device: torch.device) -> dict[str, str]:
     """Device, versions and date, for extra_info and the CSV."""
     try:
@@ -86,7 +72,7 @@ def environment(device: torch.device) -> dict[str, str]:
     except Exception:
         triton_version = "absent"
     return {
-        "device": device_name(device),
+        "device": describe_machine(device),
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": str(torch.version.cuda) if device.type == "cuda" else "-",

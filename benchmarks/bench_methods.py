@@ -24,16 +24,15 @@ from typing import Any
 
 import torch
 from bench_engines import edit_requests
-from bench_precision import cpu_name
 from compare_methods import per_method_overrides
 from csv_rows import append_rows
 
 from encore_fast.editor import Editor
+from encore_fast.machine import cpu_model
 from encore_fast.methods import RULES
 from encore_fast.models import load_model
+from encore_fast.models.dtypes import DTYPES
 from encore_fast.requests import EditRequest
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def time_method(model: Any, tok: Any, method: str, requests: list[EditRequest],
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         saved = 1 - first["s_per_edit"] / row["s_per_edit"]
         print(f"{first['method']} takes {first['s_per_edit'] / row['s_per_edit']:.2f}x the time "
               f"of {row['method']} ({saved:.0%} less)")
-    cpu = cpu_name()
+    cpu = cpu_model()
     print(f"{torch.get_num_threads()} threads on {cpu}; SmolLM2-135M {args.dtype}; "
           f"{args.n} edits, batch {args.batch_size}; torch {torch.__version__}")
     if args.out:

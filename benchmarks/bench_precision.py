@@ -31,10 +31,8 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import platform
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,29 +41,17 @@ from csv_rows import append_rows
 from encore_fast.editor import Editor
 from encore_fast.eval.datasets import EvalRecord, load_dataset
 from encore_fast.eval.metrics import counterfact_metrics, pad_id, score_token_ids
+from encore_fast.machine import cpu_model
 from encore_fast.models import ModelView, load_model
+from encore_fast.models.dtypes import DTYPES
 from encore_fast.models.fingerprint import model_fingerprint
 from encore_fast.paths import default_corpus, default_data_dir
 from encore_fast.requests import encode, target_token_ids
 from encore_fast.stats import second_moments
 
 LAYERS = [4, 5, 6, 7, 8]
-VARIANTS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, True),
-            "bf16-no-masters": (torch.bfloat16, False), "fp16": (torch.float16, True)}
-
-
-def cpu_name() -> str:
-    """The CPU model and which native bf16 instructions it has (from /proc/cpuinfo)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
-                 if ln.startswith("model name")), platform.machine())
-    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines()
-                  if ln.startswith("flags")), [])
-    native = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name} ({'native bf16: ' + ', '.join(native) if native else 'no native bf16'})"
+VARIANTS = {"fp32": (DTYPES["fp32"], None), "bf16": (DTYPES["bf16"], True),
+            "bf16-no-masters": (DTYPES["bf16"], False), "fp16": (DTYPES["fp16"], True)}
 
 
 def top1_hits(model: Any, tok: Any, prompts: list[str], targets: list[str]) -> list[bool]:
@@ -191,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                         for k, v in row.items()), flush=True)
-    cpu = cpu_name()
+    cpu = cpu_model()
     fp32 = rows[0]
     for row in rows[1:]:
         print(f"{row['variant']} vs fp32: end to end "

@@ -7,20 +7,39 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from encore_fast.config import EditConfig, parse_overrides
+from encore_fast.cli_common import (
+    USER_ERRORS,
+    add_model_options,
+    check_corpus,
+    check_model,
+    check_out_file,
+    check_settings,
+    error_line,
+    non_negative_int,
+    positive_int,
+)
+from encore_fast.config import parse_overrides
 from encore_fast.distributed import init_from_env
-from encore_fast.errors import ConfigError, EncoreFastError
-from encore_fast.eval.cli import positive_int
-from encore_fast.eval.datasets import DatasetError
-from encore_fast.eval.run import RunConfigError
+from encore_fast.editor import Editor
+from encore_fast.errors import ConfigError
+from encore_fast.eval.cli import (
+    add_eval_arguments,
+    add_snapshot_arguments,
+    run_eval,
+    run_eval_snapshots,
+)
+from encore_fast.methods import RULES
 from encore_fast.models.dtypes import DTYPES
 from encore_fast.models.loading import pad_id
-from encore_fast.requests import EditRequest
+from encore_fast.requests import EditRequest, read_requests_file, validate_requests
+
+__all__ = ["USER_ERRORS", "build_parser", "check_corpus", "check_model", "check_out_after_edits",
+           "check_out_file", "check_settings", "cmd_demo", "cmd_edit", "complete", "error_line",
+           "main", "non_negative_int", "positive_int"]
 
 DEMO_EDITS = [
     EditRequest("The capital of {} is", "France", "Rome", ground_truth="Paris", case_id="demo-0"),
@@ -50,99 +69,8 @@ def complete(model: torch.nn.Module, tokenizer: Any, prompt: str, n_tokens: int 
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-
-
-def check_settings(model: str | None, method: str, preset: str | None,
-                   overrides: dict[str, Any]) -> EditConfig:
-    """Refuse unknown or bad settings before a model is loaded (ConfigError); the layers are
-    checked against the model's depth once it is loaded. Returns the settings (as far as they
-    are known without the model)."""
-    from encore_fast.config import guess_preset, make_config
-
-    if preset == "auto":
-        preset = guess_preset("smollm2-135m" if model is None else str(model))
-    return make_config(method, preset, None, **overrides)
-
-
-def _looks_like_path(text: str) -> bool:
-    """A local path rather than a hub name (``owner/name``) or a dataset name."""
-    return (text.startswith(("/", "./", "../", "~")) or text in (".", "..") or "\\" in text
-            or text.count("/") >= 2)
-
-
-def check_model(model: str | None) -> None:
-    """Refuse a ``--model`` path that does not exist or holds no saved model, before loading.
-    Hub names are left to the loader (its errors are OSErrors, reported in one line)."""
-    from encore_fast.models.loading import BUNDLED_NAMES
-
-    if model is None or model.lower() in BUNDLED_NAMES:
-        return
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"--model {model}: the folder holds no saved model "
-                              "(no config.json)")
-    elif path.exists():
-        raise ConfigError(f"--model {model}: a file, not a model folder or hub name")
-    elif _looks_like_path(model):
-        raise ConfigError(f"--model {model}: no such folder")
-
-
-def check_corpus(corpus: str | None, n_samples: int) -> None:
-    """Refuse a ``--corpus`` that is missing or unreadable before a model is loaded: a file is
-    read now (the texts the statistics will use), a dataset name needs ``datasets``."""
-    import importlib.util
-
-    from encore_fast.stats import load_corpus
-
-    if corpus is None:
-        return
-    path = Path(corpus)
-    if path.is_dir():
-        raise ConfigError(f"--corpus {corpus}: a folder, not a text file")
-    if path.exists():
-        try:
-            load_corpus(corpus, n_samples)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            # (a malformed .json/.jsonl corpus, records without text, a non-UTF-8 file)
-            raise ConfigError(f"--corpus {corpus}: cannot read texts from it "
-                              f"({type(exc).__name__}: {exc})") from None
-    elif _looks_like_path(corpus) or path.suffix in (".txt", ".json", ".jsonl"):
-        raise ConfigError(f"--corpus {corpus}: no such file")
-    elif importlib.util.find_spec("datasets") is None:
-        raise ConfigError(f"--corpus {corpus}: no such file, and reading a Hugging Face data "
-                          "set by name needs the 'datasets' package, which is not installed")
-
-
-def check_out_file(path: str | Path, overwrite: bool) -> None:
-    """Refuse to replace an existing output file unless asked to, or to write where no file
-    can be made."""
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"--out {path}: a folder, not a file")
-    if path.exists() and not overwrite:
-        raise ConfigError(f"--out {path} exists; pass --overwrite to replace it")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"--out {path}: {parent} is not a folder")
-
-
-USER_ERRORS = (EncoreFastError, DatasetError, RunConfigError, OSError)
-"""What a user's mistake raises (bad input, setting, file, or run folder); anything else is a
-bug and keeps its traceback."""
-
-
-def error_line(command: str, exc: BaseException) -> str:
-    """``encore-fast <command>: error: <message>``, on one line."""
-    return f"encore-fast {command}: error: {_one_line(exc)}"
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     """Edit a handful of facts in the bundled model and show predictions before and after."""
-    from encore_fast.editor import Editor
-
     overrides = parse_overrides(args.overrides)
     check_settings(args.model, args.method, "auto", overrides)
     check_model(args.model)
@@ -173,9 +101,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_edit(args: argparse.Namespace) -> int:
     """Apply a JSON/JSONL file of requests to a model and save the edits."""
-    from encore_fast.editor import Editor
-    from encore_fast.requests import read_requests_file, validate_requests
-
     # Everything that can be checked without the model is checked first: nothing is loaded
     # or written for a mistake in the requests, the settings, the paths.
     requests = read_requests_file(args.requests)
@@ -220,28 +145,20 @@ def check_out_after_edits(path: str, overwrite: bool, group: Any) -> None:
     group.agree(error, f"checking --out {path}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from encore_fast.editor import ENGINES
-    from encore_fast.methods import RULES
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    """The model options (shared with ``eval``) and ``--method``."""
+    add_model_options(parser)
+    parser.add_argument("--method", default="encore", choices=sorted(RULES),
+                        help="editing method (default: encore)")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``encore-fast`` parser: ``demo``, ``edit``, ``eval`` and ``eval-snapshots``."""
     parser = argparse.ArgumentParser(prog="encore-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def model_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", default=None,
-                       help="Hugging Face name or local path (default: the bundled SmolLM2-135M)")
-        p.add_argument("--method", default="encore", choices=sorted(RULES),
-                       help="editing method (default: encore)")
-        p.add_argument("--engine", default="fast", choices=ENGINES,
-                       help="fast (default) or reference (slow, the published algorithm)")
-        p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
-                       help="model dtype; bf16/fp16 edit with fp32 master weights "
-                            "(default: fp32)")
-        p.add_argument("--set", dest="overrides", action="append", default=[],
-                       metavar="KEY=VALUE", help="setting override (JSON value); repeatable")
-
     demo = sub.add_parser("demo", help="edit facts in the bundled model, before/after")
-    model_args(demo)
+    _model_args(demo)
     demo.set_defaults(func=cmd_demo)
 
     edit = sub.add_parser("edit", help="apply a JSON/JSONL file of requests, save the edits")
@@ -254,15 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--preset", default=None,
                       help="settings preset (default: from the model's name)")
     edit.add_argument("--corpus", default=None, help="text for C0 (file, or dataset name)")
-    model_args(edit)
+    _model_args(edit)
     edit.set_defaults(func=cmd_edit)
-
-    from encore_fast.eval.cli import (
-        add_eval_arguments,
-        add_snapshot_arguments,
-        run_eval,
-        run_eval_snapshots,
-    )
 
     ev = sub.add_parser("eval", help="sequential editing run with evaluation")
     add_eval_arguments(ev)
@@ -287,12 +197,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(error_line(args.command, exc), file=sys.stderr)
         return 2
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if not isinstance(exc, OSError) or exc.filename is None or str(
-        exc.filename) in text else f"{text}: {exc.filename}"
 
 
 if __name__ == "__main__":

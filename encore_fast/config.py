@@ -1,7 +1,9 @@
 """Edit settings and the published presets.
 
 One :class:`EditConfig` holds every knob of the MEMIT-family algorithm (DESIGN.md §2). Presets
-give the papers' settings per model; every field can be overridden by keyword.
+give the papers' settings per model; every field can be overridden by keyword. What the settings
+need to know of each method (:class:`MethodSettings`) is told to them by the method registry
+(``encore_fast.methods.register``): this module sits below the methods and never imports them.
 """
 
 from __future__ import annotations
@@ -182,6 +184,53 @@ def scaled_layers(num_layers: int) -> list[int]:
     return list(range(start, end + 1))
 
 
+# ----------------------------------------------------------------------------- methods
+
+PRESET_FAMILIES = ("memit", "encore", "alphaedit")
+"""The method columns of :data:`PRESETS`: every method starts from one family's settings."""
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """What the settings know about one editing method.
+
+    ``preset_family``: the column of :data:`PRESETS` its settings start from (one of
+    :data:`PRESET_FAMILIES`); ``mpes``: whether MPES (``mpes_extra_steps``) stays on by default.
+    A method's own default settings and presets would be further fields here.
+    """
+
+    preset_family: str
+    mpes: bool = False
+
+
+METHODS: dict[str, MethodSettings] = {}
+"""Method name -> :class:`MethodSettings`: the methods :func:`make_config` knows. Filled by
+``encore_fast.methods.register`` (which every method, built-in or user-defined, goes through)
+and emptied by ``unregister``, so it always names the registered methods. The settings never
+import the methods: the methods are built on the settings, and tell them what they need."""
+
+
+def declare_method(name: str, settings: MethodSettings) -> None:
+    """Tell :func:`make_config` about method ``name`` (replacing what it knew of that name)."""
+    if settings.preset_family not in PRESET_FAMILIES:
+        raise ConfigError(f"method {name!r}: preset family must be one of {PRESET_FAMILIES}, "
+                          f"got {settings.preset_family!r}")
+    METHODS[name] = settings
+
+
+def forget_method(name: str) -> None:
+    """Remove method ``name`` from :data:`METHODS` (nothing happens for an unknown name)."""
+    METHODS.pop(name, None)
+
+
+def method_settings(name: str) -> MethodSettings:
+    """What the settings know about method ``name``; an unknown name is a ConfigError."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown method {name!r}; choose one of {sorted(METHODS)}") from None
+
+
 def make_config(
     method: str, preset: str | None, num_layers: int | None = None, **overrides: Any
 ) -> EditConfig:
@@ -190,22 +239,18 @@ def make_config(
     Without a preset, the Llama3-8B settings are used at the same relative depth (and the caller
     is told to tune λ_p / λ_n / τ for the model's key scale; see README).
     """
-    from encore_fast.methods import RULES  # the registry (methods import this module)
-
-    if method not in RULES:
-        raise ConfigError(f"unknown method {method!r}; choose one of {sorted(RULES)}")
-    rule = RULES[method]
-    base_method = rule.preset
+    known = method_settings(method)
+    family = known.preset_family
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; available: {sorted(PRESETS)}")
-        settings = dict(PRESETS[preset][base_method])
+        settings = dict(PRESETS[preset][family])
     else:
-        settings = dict(PRESETS["llama3-8b"][base_method])
+        settings = dict(PRESETS["llama3-8b"][family])
         if num_layers is not None:
             settings["layers"] = scaled_layers(num_layers)
     cfg = EditConfig().replace(**settings)
-    if not rule.mpes and "mpes_extra_steps" not in overrides:
+    if not known.mpes and "mpes_extra_steps" not in overrides:
         cfg = cfg.replace(mpes_extra_steps=None)
     cfg = cfg.replace(**overrides)
     if isinstance(cfg.context_words, list):

@@ -14,18 +14,21 @@ import json
 import os
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from encore_fast.errors import EncoreFastError, StatsError
 from encore_fast.io import atomic_save, tensors_digest
+from encore_fast.kernels import covariance_update_, mirror_upper_
 from encore_fast.models.arch import ModelView
 from encore_fast.models.hooks import capture_mlp_inputs, run_until
-from encore_fast.models.loading import pad_id
+from encore_fast.models.loading import cache_dir, pad_id
 from encore_fast.models.placement import input_device
 from encore_fast.requests import encode
 
@@ -121,8 +124,6 @@ def accumulate_second_moments(
     called every ``checkpoint_every`` batches (default :data:`CHECKPOINT_EVERY`) so an
     interrupted run can resume.
     """
-    from encore_fast.kernels import covariance_update_
-
     every = checkpoint_every or CHECKPOINT_EVERY
 
     device = view.device
@@ -158,8 +159,6 @@ def accumulate_second_moments(
 
 def finalize(state: dict[str, Any]) -> dict[int, torch.Tensor]:
     """``C0 = sum / tokens`` per layer, mirrored to a full symmetric matrix."""
-    from encore_fast.kernels import mirror_upper_
-
     out = {}
     for layer, s in state["sums"].items():
         c = mirror_upper_(s.clone()) / max(1, state["tokens"])
@@ -228,8 +227,6 @@ def check_second_moments(c0: Any, layer: int, d_in: int, source: str) -> torch.T
 # ----------------------------------------------------------------------------- cache
 
 def _read_meta(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
@@ -269,34 +266,87 @@ def second_moments(
     per rank (with the same number of ranks).
     """
     texts, corpus_id = load_corpus(corpus, n_samples)
-    n_used = len(texts)
+    run = dict(max_length=max_length, batch_size=batch_size)
     if cache is False:
-        state = accumulate_in_group(view, tokenizer, layers, texts, group,
-                                    max_length=max_length, batch_size=batch_size,
-                                    progress=progress)
-        return finalize(state)
-    from encore_fast.models.loading import cache_dir
+        return finalize(accumulate_in_group(view, tokenizer, layers, texts, group,
+                                            progress=progress, **run))
+    spot = _CacheSpot.of(cache, model_name, view.dtype_name, fingerprint, weights_fingerprint,
+                         corpus_id, len(texts), max_length)
+    result = _from_cache(view, {layer: spot.layer_file(layer) for layer in layers},
+                         fingerprint, weights_fingerprint)
+    missing = _missing_layers(layers, result, group)
+    if missing:
+        partial = spot.partial_file(missing, group)
+        state = _accumulate_resumable(view, tokenizer, missing, texts, group, partial,
+                                      fingerprint, progress=progress, **run)
+        _store(spot, finalize(state), state["tokens"], result, group)
+        partial.unlink(missing_ok=True)
+        if group is not None:
+            group.barrier("writing the statistics cache")
+    return {layer: result[layer].to(view.device) for layer in layers}
 
-    dtype = view.dtype_name
-    root = Path(cache) if cache is not None else cache_dir() / "stats"
-    safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)[-60:]
-    family = (weights_fingerprint or fingerprint)[:16]
-    folder = root / safe_name / family / f"{corpus_id}-n{n_used}-len{max_length}"
-    files = {layer: folder / f"layer{layer}-{dtype}-{fingerprint[:12]}.safetensors"
-             for layer in layers}
-    result = _from_cache(view, files, fingerprint, weights_fingerprint)
-    missing = [layer for layer in layers if layer not in result]
-    if group is not None:  # what one rank lacks, all compute (the pass is collective)
+
+@dataclass(frozen=True)
+class _CacheSpot:
+    """Where one model's statistics of one corpus sample are cached, and what their files
+    record about it."""
+
+    folder: Path
+    dtype: str
+    fingerprint: str
+    weights_fingerprint: str | None
+    model_name: str
+    corpus_id: str
+    n_used: int
+    max_length: int
+
+    @classmethod
+    def of(cls, cache: str | os.PathLike | None, model_name: str, dtype: str, fingerprint: str,
+           weights_fingerprint: str | None, corpus_id: str, n_used: int,
+           max_length: int) -> _CacheSpot:
+        """The spot under ``cache`` (None: ``<cache_dir>/stats``): one folder per model name,
+        weights family (16-bit models share the fp32 one) and corpus sample."""
+        root = Path(cache) if cache is not None else cache_dir() / "stats"
+        safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)[-60:]
+        family = (weights_fingerprint or fingerprint)[:16]
+        folder = root / safe_name / family / f"{corpus_id}-n{n_used}-len{max_length}"
+        return cls(folder, dtype, fingerprint, weights_fingerprint, model_name, corpus_id,
+                   n_used, max_length)
+
+    def layer_file(self, layer: int) -> Path:
+        """The finished ``C0`` of ``layer`` for this model and dtype."""
+        return self.folder / f"layer{layer}-{self.dtype}-{self.fingerprint[:12]}.safetensors"
+
+    def partial_file(self, layers: list[int], group: Any) -> Path:
+        """The checkpoint of an unfinished pass over ``layers`` (one per rank in a group)."""
+        rank = "" if group is None else f"-rank{group.rank}of{group.world}"
+        return self.folder / (f"partial-{self.dtype}-{self.fingerprint[:12]}-"
+                              + "-".join(map(str, layers)) + f"{rank}.safetensors")
+
+    def meta(self, layer: int, tokens: int, c0: torch.Tensor) -> dict[str, str]:
+        """The header of ``layer``'s file: what it was computed from, and its checksum."""
+        return {"fingerprint": self.fingerprint,
+                "weights_fingerprint": self.weights_fingerprint or "", "dtype": self.dtype,
+                "layer": str(layer), "corpus": self.corpus_id, "n_samples": str(self.n_used),
+                "max_length": str(self.max_length), "tokens": str(tokens),
+                "model": self.model_name, "sha256": tensors_digest({"C0": c0})}
+
+
+def _missing_layers(layers: list[int], found: dict[int, torch.Tensor], group: Any) -> list[int]:
+    """The layers not in the cache; in a group, those missing on any rank (the pass that
+    computes them is collective, so every rank computes the same layers)."""
+    missing = [layer for layer in layers if layer not in found]
+    if group is not None:
         missing = sorted(set().union(*group.gather(missing, "checking the statistics cache")))
-    if not missing:
-        return {layer: result[layer].to(view.device) for layer in layers}
+    return missing
 
-    rank = "" if group is None else f"-rank{group.rank}of{group.world}"
-    partial = folder / (f"partial-{dtype}-{fingerprint[:12]}-" + "-".join(map(str, missing))
-                        + f"{rank}.safetensors")
-    state = None
-    if partial.exists():
-        state = _load_partial(partial, missing, fingerprint)
+
+def _accumulate_resumable(view: ModelView, tokenizer: Any, layers: list[int], texts: list[str],
+                          group: Any, partial: Path, fingerprint: str, *, progress: bool,
+                          **run: Any) -> dict[str, Any]:
+    """The summed moments of ``layers``, resumed from the checkpoint ``partial`` when there is
+    one, and checkpointed to it as the pass goes."""
+    state = _load_partial(partial, layers, fingerprint) if partial.exists() else None
 
     def checkpoint(st: dict[str, Any]) -> None:
         tensors = {f"sum.{l}": s for l, s in st["sums"].items()}
@@ -304,23 +354,19 @@ def second_moments(
                                        "texts_done": str(st["texts_done"]),
                                        "sha256": tensors_digest(tensors)})
 
-    state = accumulate_in_group(view, tokenizer, missing, texts, group, max_length=max_length,
-                                batch_size=batch_size, state=state, checkpoint=checkpoint,
-                                progress=progress and (group is None or group.is_main))
-    for layer, c0 in finalize(state).items():
+    return accumulate_in_group(view, tokenizer, layers, texts, group, state=state,
+                               checkpoint=checkpoint,
+                               progress=progress and (group is None or group.is_main), **run)
+
+
+def _store(spot: _CacheSpot, c0s: dict[int, torch.Tensor], tokens: int,
+           result: dict[int, torch.Tensor], group: Any) -> None:
+    """Put the computed ``c0s`` (on the CPU) into ``result`` and write them to the cache (only
+    rank 0 of a group writes)."""
+    for layer, c0 in c0s.items():
         c0 = result[layer] = c0.cpu()
-        if group is not None and not group.is_main:
-            continue
-        meta = {"fingerprint": fingerprint, "weights_fingerprint": weights_fingerprint or "",
-                "dtype": dtype, "layer": str(layer), "corpus": corpus_id,
-                "n_samples": str(n_used), "max_length": str(max_length),
-                "tokens": str(state["tokens"]), "model": model_name,
-                "sha256": tensors_digest({"C0": c0})}
-        atomic_save(files[layer], {"C0": c0}, meta)
-    partial.unlink(missing_ok=True)
-    if group is not None:
-        group.barrier("writing the statistics cache")
-    return {layer: result[layer].to(view.device) for layer in layers}
+        if group is None or group.is_main:
+            atomic_save(spot.layer_file(layer), {"C0": c0}, spot.meta(layer, tokens, c0))
 
 
 def _from_cache(view: ModelView, files: dict[int, Path], fingerprint: str,

@@ -36,6 +36,11 @@ _NAIVE_CHUNK_TOKENS = 8192
 # --------------------------------------------------------------------------- Triton kernels
 
 
+# Long on purpose: one fused Triton kernel body (tile index, the token loop with its padding
+# mask, the two epilogues). A Triton kernel can call no ordinary Python helper, only other
+# Triton functions, and TritonKernel builds a compiled and an interpreted flavour from this one
+# plain function; splitting it would add helpers that need the same double build, and separate
+# launches would lose the fusion (each X tile read once, C read and written once).
 def _syrk_kernel(
     C_ptr,
     X_ptr,

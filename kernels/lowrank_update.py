@@ -32,6 +32,11 @@ _FACTOR_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # --------------------------------------------------------------------------- Triton kernel
 
 
+# Long on purpose: one fused Triton kernel body (tile index, the rank-r product, the add to W,
+# the optional 16-bit copy, the partial norms). A Triton kernel can call no ordinary Python
+# helper, only other Triton functions, and TritonKernel builds a compiled and an interpreted
+# flavour from this one plain function; splitting it would add helpers that need the same double
+# build, and separate launches would lose the fusion (W read and written once, no Δ in memory).
 def _lowrank_update_kernel(
     W_ptr,
     A_ptr,

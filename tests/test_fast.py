@@ -144,17 +144,9 @@ def test_packed_attention_matches_naive_with_fixed_prefix():
         assert torch.allclose(got_g, t.grad, atol=1e-4)
 
 
-class _fixed_only:
-    """Install a _Fixed store for packed_attention without touching any model config."""
-
-    def __init__(self, fixed):
-        self.fixed = fixed
-
-    def __enter__(self):
-        self.before, attention._FIXED = attention._FIXED, self.fixed
-
-    def __exit__(self, *exc):
-        attention._FIXED = self.before
+def _fixed_only(fixed):
+    """Install a Fixed store for packed_attention without touching any model config."""
+    return attention.reading_fixed(fixed)
 
 
 def test_attention_implementation_restored_and_window_checked(tokenizer):

@@ -17,6 +17,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from encore_fast.cli_common import (  # (positive_int, non_negative_int: also re-exported)
+    USER_ERRORS,
+    check_corpus,
+    check_model,
+    check_settings,
+    error_line,
+    non_negative_int,
+    positive_int,
+)
 from encore_fast.config import parse_overrides  # (also re-exported: the one --set parser)
 from encore_fast.eval.datasets import (
     LAYOUTS,
@@ -37,24 +46,6 @@ from encore_fast.eval.settings import FIELDS
 from encore_fast.models.dtypes import DTYPES
 
 DEFAULT_DATASET = "counterfact/counterfact-edit.json"
-
-
-def _int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``low`` (argparse reports anything else in one line)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-
-    return parse
-
-
-positive_int, non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -246,13 +237,6 @@ def run_info(args: argparse.Namespace, method: str, overrides: dict[str, Any]) -
 def run_eval(args: argparse.Namespace) -> int:
     """Run ``encore-fast eval``; prints a summary table. Returns the exit status (2, with one
     line on stderr, for a user mistake; nothing is written then)."""
-    from encore_fast.cli import (  # (encore_fast.cli imports this module)
-        USER_ERRORS,
-        check_corpus,
-        check_model,
-        check_settings,
-        error_line,
-    )
     from encore_fast.requests import validate_requests
 
     try:
@@ -304,7 +288,6 @@ def run_eval_snapshots(args: argparse.Namespace) -> int:
     ``evals.jsonl`` (resumable); prints the summary table."""
     import json
 
-    from encore_fast.cli import USER_ERRORS, check_model, error_line
     from encore_fast.eval.run import CONFIG_FILE, evaluate_snapshots
     from encore_fast.models.loading import load_model
 

@@ -1,6 +1,7 @@
 """Update rules: MEMIT, sequential MEMIT, ENCORE and AlphaEdit on shared machinery, and the
 registry every list of methods comes from (the CLI's choices, the presets, the editor)."""
 
+from encore_fast.config import PRESET_FAMILIES, MethodSettings, declare_method, forget_method
 from encore_fast.errors import ConfigError
 from encore_fast.methods.alphaedit import AlphaEdit, null_space_projector
 from encore_fast.methods.base import LayerState, UpdateRule, eye_like
@@ -8,12 +9,12 @@ from encore_fast.methods.encore import Encore
 from encore_fast.methods.memit import Memit, MemitSequential
 
 RULES: dict[str, type[UpdateRule]] = {}
-PRESET_FAMILIES = ("memit", "encore", "alphaedit")
 
 
 def register(rule: type[UpdateRule], *, replace: bool = False) -> type[UpdateRule]:
     """Make ``rule`` (an :class:`UpdateRule` subclass) available as ``method=rule.name``
-    everywhere; usable as a class decorator. A taken name needs ``replace=True``."""
+    everywhere; usable as a class decorator. A taken name needs ``replace=True``. The settings
+    (``encore_fast.config``) learn the rule's preset family and MPES default here."""
     if not (isinstance(rule, type) and issubclass(rule, UpdateRule)):
         raise ConfigError(f"register() expects an UpdateRule subclass, got {rule!r}")
     name = rule.name
@@ -25,13 +26,15 @@ def register(rule: type[UpdateRule], *, replace: bool = False) -> type[UpdateRul
     if name in RULES and RULES[name] is not rule and not replace:
         raise ConfigError(f"a method called {name!r} is already registered "
                           f"({RULES[name].__name__}); pass replace=True to replace it")
+    declare_method(name, MethodSettings(preset_family=rule.preset, mpes=bool(rule.mpes)))
     RULES[name] = rule
     return rule
 
 
 def unregister(name: str) -> None:
-    """Remove a registered method (for user code and tests)."""
+    """Remove a registered method (for user code and tests), from the settings too."""
     RULES.pop(name, None)
+    forget_method(name)
 
 
 def get_rule(name: str) -> UpdateRule:

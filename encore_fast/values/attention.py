@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -31,7 +32,9 @@ class Fixed:
         self.prefix: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-_FIXED: Fixed | None = None
+# The store that packed_attention reads: set by packed_attention_mode for the duration of a
+# with block (in this context only: other threads and tasks see their own value).
+_FIXED: ContextVar[Fixed | None] = ContextVar("encore_fast_packed_attention", default=None)
 
 
 def packed_attention(
@@ -55,7 +58,7 @@ def packed_attention(
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("the fast engine does not support attention sinks; "
                                   "use engine='reference'")
-    fixed = _FIXED
+    fixed = _FIXED.get()
     if fixed is not None and fixed.record is not None:
         fixed.record[module] = (key.detach(), value.detach())
     b, h, q, hd = query.shape
@@ -85,15 +88,19 @@ AttentionInterface.register(ATTENTION, packed_attention)
 
 
 @contextlib.contextmanager
+def reading_fixed(fixed: Fixed) -> Iterator[None]:
+    """Make :func:`packed_attention` read and write ``fixed`` inside the with block (in this
+    context; the store before is restored on exit). Routes no model to it."""
+    token = _FIXED.set(fixed)
+    try:
+        yield
+    finally:
+        _FIXED.reset(token)
+
+
+@contextlib.contextmanager
 def packed_attention_mode(view: ModelView, fixed: Fixed) -> Iterator[None]:
     """Route the model's attention through :func:`packed_attention`, reading ``fixed``
     (restored on exit)."""
-    global _FIXED
-    before_fixed, _FIXED = _FIXED, fixed
-    try:
-        with view.attention_implementation(ATTENTION):
-            yield
-    finally:
-        _FIXED = before_fixed
-
-
+    with reading_fixed(fixed), view.attention_implementation(ATTENTION):
+        yield
