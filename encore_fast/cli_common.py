@@ -42,7 +42,7 @@ def _one_line(exc: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- options
 
-def _int_at_least(low: int) -> Callable[[str], int]:
+def int_at_least(low: int) -> Callable[[str], int]:
     """An argparse type: an integer >= ``low`` (argparse reports anything else in one line)."""
 
     def parse(text: str) -> int:
@@ -57,7 +57,7 @@ def _int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-positive_int, non_negative_int = _int_at_least(1), _int_at_least(0)
+positive_int, non_negative_int = int_at_least(1), int_at_least(0)
 
 
 class ArgumentAdder(Protocol):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -133,8 +134,6 @@ def _first_line(exc: BaseException) -> str:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` now (for a local process group's rendezvous)."""
-    import socket
-
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]

@@ -28,7 +28,7 @@ MAX_LINES = 60
 # Layer 7 is ordered inside: cli_common < eval.cli < cli < __main__.
 LAYERS: dict[str, float] = {
     "encore_fast.errors": 0, "encore_fast.io": 0, "encore_fast.paths": 0,
-    "encore_fast.machine": 0, "encore_fast.models.dtypes": 0,
+    "encore_fast.machine": 0, "encore_fast.provenance": 0, "encore_fast.models.dtypes": 0,
     "encore_fast.models.*": 1,
     "encore_fast.config": 2, "encore_fast.requests": 2, "encore_fast.distributed": 2,
     "encore_fast.kernels.*": 3, "encore_fast.methods.*": 3, "encore_fast.stats": 3,
@@ -47,9 +47,6 @@ PENDING = {
     "encore_fast.editor:Editor.__init__",
     "encore_fast.values.fast:_optimize",
     "encore_fast.values.reference:optimize_value",
-    "encore_fast.eval.metrics:counterfact_metrics",
-    "encore_fast.eval.run:run_sequential",
-    "encore_fast.eval.cli:add_common_arguments",
 }
 
 

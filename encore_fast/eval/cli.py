@@ -12,6 +12,7 @@ The helpers below are shared with ``benchmarks/compare_methods.py``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,14 +20,17 @@ from typing import Any
 
 from encore_fast.cli_common import (  # (positive_int, non_negative_int: also re-exported)
     USER_ERRORS,
+    add_model_options,
     check_corpus,
     check_model,
     check_settings,
     error_line,
+    int_at_least,
     non_negative_int,
     positive_int,
 )
 from encore_fast.config import parse_overrides  # (also re-exported: the one --set parser)
+from encore_fast.editor import Editor
 from encore_fast.eval.datasets import (
     LAYOUTS,
     DatasetError,
@@ -40,35 +44,31 @@ from encore_fast.eval.health import (  # noqa: F401 (the data defaults, importab
 )
 from encore_fast.eval.registry import enabled_metrics, registered
 from encore_fast.eval.report import load_run, markdown_table, summarize_run
-from encore_fast.eval.run import EvalSettings, RunConfigError, arrange_batches, run_sequential
+from encore_fast.eval.run import (
+    CONFIG_FILE,
+    EvalSettings,
+    RunConfigError,
+    arrange_batches,
+    evaluate_snapshots,
+    run_sequential,
+)
 from encore_fast.eval.seam import Option, data_file
 from encore_fast.eval.settings import FIELDS
+from encore_fast.methods import RULES
 from encore_fast.models.dtypes import DTYPES
+from encore_fast.models.loading import load_model
+from encore_fast.requests import validate_requests
 
 DEFAULT_DATASET = "counterfact/counterfact-edit.json"
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, data, stream and evaluation options (everything but the method and folder)."""
-    from encore_fast.editor import ENGINES  # (the editor never imports eval)
-
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default=None, help="HF name or path (default: bundled SmolLM2)")
+    add_model_options(g)
     g.add_argument("--preset", default="auto",
                    help="settings preset (auto: from the model name; see encore_fast.config)")
-    g.add_argument("--engine", default="fast", choices=ENGINES,
-                   help="editing engine: fast (default) or reference (the published algorithm)")
-    g.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
-                   help="model dtype; bf16/fp16 edit with fp32 master weights (default: fp32)")
     g.add_argument("--corpus", default=None, help="text corpus for the key statistics C0")
-    g.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="hyper-parameter override (VALUE parsed as JSON when it can be); repeatable",
-    )
     _add_stream_options(parser)
     _add_evaluation_options(parser)
 
@@ -121,7 +121,7 @@ def _add_option(group: Any, option: Option) -> None:
         return
     kind = option.type
     if option.minimum is not None:
-        kind = _int_at_least(option.minimum)
+        kind = int_at_least(option.minimum)
     extra = {"choices": option.choices} if option.choices is not None else {}
     group.add_argument(option.flag, type=kind, default=option.default, help=option.help,
                        **extra)
@@ -129,8 +129,6 @@ def _add_option(group: Any, option: Option) -> None:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """All options of ``encore-fast eval``."""
-    from encore_fast.methods import RULES
-
     parser.add_argument("--method", default="encore", choices=sorted(RULES),
                         help="editing method (default: encore)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/<method>)")
@@ -174,8 +172,6 @@ def editor_factory(
     """A zero-argument function that builds a fresh, unedited editor (needed for resume)."""
 
     def build() -> Any:
-        from encore_fast.editor import Editor  # the editor never imports eval, nor at load
-
         return Editor.from_pretrained(
             args.model,
             method=method,
@@ -237,8 +233,6 @@ def run_info(args: argparse.Namespace, method: str, overrides: dict[str, Any]) -
 def run_eval(args: argparse.Namespace) -> int:
     """Run ``encore-fast eval``; prints a summary table. Returns the exit status (2, with one
     line on stderr, for a user mistake; nothing is written then)."""
-    from encore_fast.requests import validate_requests
-
     try:
         # Everything that can be checked without the model first: nothing is loaded, and no
         # run folder made, for a mistake in the settings, the paths or the data.
@@ -286,11 +280,6 @@ def add_snapshot_arguments(parser: argparse.ArgumentParser) -> None:
 def run_eval_snapshots(args: argparse.Namespace) -> int:
     """Run ``encore-fast eval-snapshots``: evaluate a run's weight snapshots into
     ``evals.jsonl`` (resumable); prints the summary table."""
-    import json
-
-    from encore_fast.eval.run import CONFIG_FILE, evaluate_snapshots
-    from encore_fast.models.loading import load_model
-
     try:
         run = Path(args.run)
         if not (run / CONFIG_FILE).is_file():

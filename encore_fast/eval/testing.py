@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from encore_fast.models.fingerprint import model_fingerprint
+
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
@@ -114,8 +116,6 @@ class FakeEditor:
         self.model = LookupLM(len(self.tokenizer))
         self.hparams = SimpleNamespace(layers=[1, 2])
         self.view = SimpleNamespace(weight=lambda layer: self.model.table)  # (for snapshots)
-        from encore_fast.models.fingerprint import model_fingerprint
-
         self.fingerprint = model_fingerprint(self.model)
         self.log = log if log is not None else []
         self.fail_at = fail_at
