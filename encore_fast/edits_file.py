@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,19 @@ class SavedEdits:
     contexts: list[str] | None
     base: dict[int, dict[str, torch.Tensor]]  # layer -> {"W", "S"?, "inv"?}; {} without one
     counters: dict[int, tuple[int, int]]  # layer -> Woodbury (batches, refactorisations)
+
+
+def edits_header(method: str, model_name: str, fingerprint: str, config: EditConfig,
+                 contexts: list[str], extra: Mapping[str, Any] | None) -> dict[str, str]:
+    """The editor's part of an edits file's metadata (:func:`pack_edits` adds the rest)."""
+    return {
+        "method": method,
+        "model_name": model_name,
+        "model_fingerprint": fingerprint,
+        "config": json.dumps(config.to_dict()),
+        "contexts": json.dumps(contexts),
+        "extra": json.dumps(dict(extra or {})),
+    }
 
 
 def pack_edits(meta: dict[str, str], window: list[Batch], dropped: list[list[EditRequest]],
@@ -117,14 +131,50 @@ def edits_meta(path: Path) -> dict[str, str]:
     return meta
 
 
-def read_edits(path: Path, ed: Any) -> SavedEdits:
-    """Every check of an edits file against the editor ``ed``; changes nothing."""
+def read_edits(path: Path, *, fingerprint: str, method: str, config: EditConfig,
+               weight_shapes: Mapping[int, tuple[int, ...]], transposed: bool) -> SavedEdits:
+    """Every check of an edits file against the editor that loads it (its model's
+    ``fingerprint``, its ``method`` and ``config``, the shapes of its edited weights, stored
+    ``transposed`` or not); changes nothing."""
     meta = edits_meta(path)
-    if meta.get("model_fingerprint") != ed.fingerprint:
+    if meta.get("model_fingerprint") != fingerprint:
         raise EditsFileError(
             f"{path} was made for another model ({meta.get('model_name')}, fingerprint "
             f"{str(meta.get('model_fingerprint'))[:12]}); this model's fingerprint is "
-            f"{ed.fingerprint[:12]}")
+            f"{fingerprint[:12]}")
+    saved_cfg, requests, contexts, first, counters = _read_meta(path, meta)
+    if meta.get("method") != method or saved_cfg.layers != config.layers:
+        raise EditsFileError(f"{path} holds {meta.get('method')} edits of layers "
+                             f"{saved_cfg.layers}; this editor is {method} on layers "
+                             f"{config.layers}")
+    differ = sorted(k for k, v in saved_cfg.to_dict().items() if config.to_dict()[k] != v)
+    if differ:
+        warnings.warn(f"{path} was made with other settings ({', '.join(differ)}); its edits "
+                      "are loaded as saved, later batches use this editor's", stacklevel=4)
+    tensors = _read_tensors(path, meta)
+    base = _read_base(path, config.layers, weight_shapes, transposed, tensors) if first else {}
+    batches = []
+    for b, reqs in enumerate(requests[first:], start=first):
+        batch = Batch(requests=reqs)
+        for layer in config.layers:
+            names = [f"b{b}.l{layer}.{n}" for n in "UVK"]
+            if any(n not in tensors for n in names):
+                raise EditsFileError(f"{path}: batch {b} lacks the factors of layer {layer}")
+            u, v, k = (tensors[n] for n in names)
+            try:
+                check_update(layer, k.T, u, v, weight_shapes[layer], transposed, n=len(reqs))
+            except EditError as exc:
+                raise EditsFileError(f"{path}: batch {b}: {exc}") from None
+            batch.factors[layer] = (u, v, k)
+        batches.append(batch)
+    return SavedEdits(batches=batches, dropped=requests[:first], contexts=contexts, base=base,
+                      counters=counters)
+
+
+def _read_meta(path: Path, meta: dict[str, str]) -> tuple[
+        EditConfig, list[list[EditRequest]], list[str] | None, int, dict[int, tuple[int, int]]]:
+    """The settings, every batch's requests, the context templates, the first kept batch
+    and the solver counters in an edits file's header."""
     try:
         saved_cfg = EditConfig.from_dict(json.loads(meta["config"]))
         records = json.loads(meta["batches"])
@@ -137,14 +187,11 @@ def read_edits(path: Path, ed: Any) -> SavedEdits:
             raise ValueError(f"window_start {first} outside 0..{len(requests)}")
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise EditsFileError(f"{path}: damaged metadata ({type(exc).__name__}: {exc})") from None
-    if meta.get("method") != ed.method or saved_cfg.layers != ed.hparams.layers:
-        raise EditsFileError(f"{path} holds {meta.get('method')} edits of layers "
-                             f"{saved_cfg.layers}; this editor is {ed.method} on layers "
-                             f"{ed.hparams.layers}")
-    differ = sorted(k for k, v in saved_cfg.to_dict().items() if ed.hparams.to_dict()[k] != v)
-    if differ:
-        warnings.warn(f"{path} was made with other settings ({', '.join(differ)}); its edits "
-                      "are loaded as saved, later batches use this editor's", stacklevel=4)
+    return saved_cfg, requests, contexts, first, counters
+
+
+def _read_tensors(path: Path, meta: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Every tensor of an edits file, checked against the checksum in its header."""
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
@@ -153,33 +200,17 @@ def read_edits(path: Path, ed: Any) -> SavedEdits:
     if "sha256" in meta and tensors_digest(tensors) != meta["sha256"]:
         raise EditsFileError(f"{path} is damaged: its data do not match the checksum in its "
                              "header")
-    base = _read_base(path, ed, tensors) if first else {}
-    batches = []
-    for b, reqs in enumerate(requests[first:], start=first):
-        batch = Batch(requests=reqs)
-        for layer in ed.hparams.layers:
-            names = [f"b{b}.l{layer}.{n}" for n in "UVK"]
-            if any(n not in tensors for n in names):
-                raise EditsFileError(f"{path}: batch {b} lacks the factors of layer {layer}")
-            u, v, k = (tensors[n] for n in names)
-            try:
-                check_update(layer, k.T, u, v, tuple(ed.view.weight(layer).shape),
-                             ed.view.arch.transposed, n=len(reqs))
-            except EditError as exc:
-                raise EditsFileError(f"{path}: batch {b}: {exc}") from None
-            batch.factors[layer] = (u, v, k)
-        batches.append(batch)
-    return SavedEdits(batches=batches, dropped=requests[:first], contexts=contexts, base=base,
-                      counters=counters)
+    return tensors
 
 
-def _read_base(path: Path, ed: Any, tensors: dict[str, torch.Tensor]) -> dict[
+def _read_base(path: Path, layers: list[int], weight_shapes: Mapping[int, tuple[int, ...]],
+               transposed: bool, tensors: dict[str, torch.Tensor]) -> dict[
         int, dict[str, torch.Tensor]]:
     """The base state's tensors per layer, each of the right shape and finite."""
     base: dict[int, dict[str, torch.Tensor]] = {}
-    for layer in ed.hparams.layers:
-        w_shape = tuple(ed.view.weight(layer).shape)
-        d_in = ed.view.d_in(layer)
+    for layer in layers:
+        w_shape = tuple(weight_shapes[layer])
+        d_in = w_shape[0] if transposed else w_shape[1]
         want = {"W": w_shape, "S": (d_in, d_in), "inv": (d_in, d_in)}
         entry = {}
         for name, shape in want.items():

@@ -176,7 +176,7 @@ def test_attention_implementation_restored_and_window_checked(tokenizer):
 
 def test_solver_falls_back_to_direct_when_the_inverse_does_not_fit(
         tiny_models, tokenizer, corpus, data_dir, monkeypatch):
-    import encore_fast.editor as editor_mod
+    import encore_fast.engines as engines_mod
 
     def no_room(*_a, **_k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.6 GiB")
@@ -186,7 +186,7 @@ def test_solver_falls_back_to_direct_when_the_inverse_does_not_fit(
     eds = {}
     for name in ("woodbury", "fallback"):
         if name == "fallback":
-            monkeypatch.setattr(editor_mod, "WoodburySolver", no_room)
+            monkeypatch.setattr(engines_mod, "WoodburySolver", no_room)
         ed = Editor(copy.deepcopy(tiny_models["llama"]), tokenizer, "encore", preset=None,
                     corpus=corpus, stats_cache=False, progress=False, **settings)
         if name == "fallback":

@@ -57,7 +57,8 @@ def test_undo_reaches_the_window_exactly_and_no_further(llama, tokenizer, corpus
     ed = small_editor(llama(), tokenizer, corpus, engine=engine, history=2)
     for b in batches:
         ed.edit(b)
-    assert ed.num_batches == 5 and len(ed._history) == 2 and ed._base is not None
+    kept = ed.edit_history
+    assert ed.num_batches == 5 and len(kept.batches) == 2 and kept.base is not None
     assert _state(ed) == states[5]
     assert ed.undo() == batches[4]
     assert _state(ed) == states[4]
@@ -75,7 +76,7 @@ def test_history_zero_keeps_no_base_and_cannot_undo(llama, tokenizer, corpus, da
     ed = small_editor(llama(), tokenizer, corpus, history=0)
     for b in _batches(data_dir, 2):
         ed.edit(b)
-    assert ed._history == [] and ed._base is None and ed.num_edits == 4
+    assert ed.edit_history.batches == [] and ed.edit_history.base is None and ed.num_edits == 4
     with pytest.raises(HistoryError):
         ed.undo()
     ed.reset()  # the original is always kept
@@ -130,7 +131,7 @@ def test_lowering_history_folds_and_a_bounded_file_loads_unbounded(
         ed.edit(b)
     target = _state(ed)
     ed.history = 1
-    assert len(ed._history) == 1 and _state(ed) == target
+    assert len(ed.edit_history.batches) == 1 and _state(ed) == target
     path = ed.save_edits(tmp_path / "e.safetensors")
     other = small_editor(llama(), tokenizer, corpus, engine="reference", history=None)
     other.load_edits(path)  # a fast editor's base, loaded by the reference engine

@@ -35,9 +35,9 @@ def bf16_runs(tiny_models, tokenizer, corpus, data_dir, tmp_path_factory):
     for b in range(N_BATCHES):
         ed.edit(reqs[2 * b : 2 * b + 2])
         if b == N_BATCHES - 2:
-            before_last = {l: m.clone() for l, m in ed._masters.items()}
+            before_last = {l: m.clone() for l, m in ed.matrices.masters.items()}
     total = {l: torch.zeros_like(w) for l, w in w0.items()}
-    for batch in ed._history:
+    for batch in ed.edit_history.batches:
         for l, (u, v, _k) in batch.factors.items():
             total[l] += u.float() @ v.float().T  # fp32 accumulation of the applied updates
     path = ed.save_edits(tmp_path_factory.mktemp("bf16") / "edits.safetensors")
@@ -47,7 +47,7 @@ def bf16_runs(tiny_models, tokenizer, corpus, data_dir, tmp_path_factory):
 def test_masters_hold_the_fp32_sum_and_the_model_their_rounding(bf16_runs):
     ed, w0, total, _, _, _ = bf16_runs
     for l in FAST["layers"]:
-        master, weight = ed._masters[l], ed.view.weight(l).detach()
+        master, weight = ed.matrices.masters[l], ed.view.weight(l).detach()
         assert weight.dtype == torch.bfloat16 and master.dtype == torch.float32
         assert torch.equal(weight, master.to(torch.bfloat16))
         exact = w0[l] + total[l]
@@ -81,9 +81,9 @@ def test_undo_and_load_are_exact_on_the_masters(bf16_runs, tokenizer, corpus):
                     progress=False, **FAST)
     loaded.load_edits(path)
     for l in FAST["layers"]:
-        assert torch.equal(loaded._masters[l], ed._masters[l])
+        assert torch.equal(loaded.matrices.masters[l], ed.matrices.masters[l])
         assert torch.equal(loaded.view.weight(l), ed.view.weight(l))
     loaded.undo()
     for l in FAST["layers"]:
-        assert torch.equal(loaded._masters[l], before_last[l])
+        assert torch.equal(loaded.matrices.masters[l], before_last[l])
         assert torch.equal(loaded.view.weight(l), before_last[l].to(torch.bfloat16))

@@ -39,7 +39,7 @@ def _state_hash(ed: Editor) -> str:
         solver = ed._solvers.get(layer)
         if solver is not None and hasattr(solver, "inv"):
             h.update(solver.inv.numpy().tobytes())
-    h.update(repr([b.requests for b in ed._history]).encode())
+    h.update(repr([b.requests for b in ed.edit_history.batches]).encode())
     return h.hexdigest()
 
 

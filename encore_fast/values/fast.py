@@ -359,63 +359,94 @@ def _optimize(
 ) -> list[ValueResult]:
     """The steps of one chunk: packed forward, read-out, loss; stopped requests leave; one
     backward for the others, per-row Adam, clamp."""
-    device = view.device
     ps = _Prompts(prompts, view, layer, pad_id(tokenizer), fixed)
     _check_window(view, ps)
     ps.prepare()
-    n = len(prompts)
-    tg_all = _Targets(prompts, ps, device)
-    h0 = ps.hidden[torch.tensor([ps.segs[ps.rewrite_seg[i][0]].suf_start for i in range(n)],
-                                device=device)].float()
-    h0_norm = h0.norm(dim=-1)
-    delta = torch.zeros(n, view.d_model, device=device)
-    adam = RowAdam(delta, cfg.v_lr)
-    rules = [StopRule(cfg) for _ in range(n)]
-    zero_grads = torch.zeros(n, dtype=torch.long, device=device)
-    kl_init = None
-    active = torch.arange(n, device=device)
-    read = _ReadOut(view, tg_all)
-    read.select(active)
+    run = _Run(view, prompts, ps, cfg)
     with stand_ins(view, layer, ps.as_tuple) as replaced:
         for it in range(cfg.v_num_grad_steps):
-            n_act = len(active)
-            local = torch.full((n,), -1, dtype=torch.long, device=device)
-            local[active] = torch.arange(n_act, device=device)
-            d_act = delta[active].clone().requires_grad_(True)
-            target_logp, pred, kl_logp = read(ps.step(replaced[-1], d_act, local))
-            if kl_init is None:
-                kl_init = kl_logp.detach().clone()
-            loss, _ = value_loss(
-                target_logp, tg_all.mask[active], kl_logp, kl_init[active], d_act,
-                h0_norm[active], tg_all.n_target[active], kl_factor=cfg.kl_factor,
-                weight_decay=cfg.v_weight_decay)
-            tg = tg_all.targets[active]
-            correct = prompts_correct(pred[:, 1:], tg[:, 1:], tg_all.mask[active][:, 1:]).all(-1)
-            losses, corrects = loss.detach().tolist(), correct.tolist()  # one device sync
-            keep = [q for q, i in enumerate(active.tolist())
-                    if rules[i].record(losses[q], corrects[q])]
-            if progress is not None:
-                progress.update(n_act - len(keep))
-            if not keep:
+            if not run.step(it, replaced[-1], progress):
                 break
-            keep_t = torch.tensor(keep, device=device)
-            (loss[keep_t].sum()).backward()  # only continuing rows; rows are independent
-            grad = d_act.grad[keep_t]
-            cont = active[keep_t]
-            new = adam.step(cont, grad, it + 1)  # each has made exactly `it` updates so far
-            clamp_(new, cfg.clamp_norm_factor * h0_norm[cont])
-            delta[cont] = new
-            zero_grads[cont] += (~grad.any(dim=-1)).long()  # read once at the end: no sync
-            for i in cont.tolist():
-                rules[i].updates += 1
-            if len(keep) < n_act:
-                active = cont
-                kept = set(active.tolist())
-                ps.select([k for k, s in enumerate(ps.segs) if s.req in kept])
-                read.select(active)
-    zeros = zero_grads.tolist()
-    return [rule.result((h0[i] + delta[i]).float(), h0[i], zeros[i])
-            for i, rule in enumerate(rules)]
+    zeros = run.zero_grads.tolist()
+    return [rule.result((run.h0[i] + run.delta[i]).float(), run.h0[i], zeros[i])
+            for i, rule in enumerate(run.rules)]
+
+
+class _Run:
+    """The optimisation of one chunk: δ ``[n, d_model]`` with per-row Adam and stop rules,
+    and the requests still active (the others have left the packed rows)."""
+
+    def __init__(self, view: ModelView, prompts: Sequence[ValuePrompts], ps: _Prompts,
+                 cfg: EditConfig) -> None:
+        device = self.device = view.device
+        self.ps, self.cfg = ps, cfg
+        n = self.n = len(prompts)
+        self.tg_all = _Targets(prompts, ps, device)
+        self.h0 = ps.hidden[torch.tensor(
+            [ps.segs[ps.rewrite_seg[i][0]].suf_start for i in range(n)], device=device)].float()
+        self.h0_norm = self.h0.norm(dim=-1)
+        self.delta = torch.zeros(n, view.d_model, device=device)
+        self.adam = RowAdam(self.delta, cfg.v_lr)
+        self.rules = [StopRule(cfg) for _ in range(n)]
+        self.zero_grads = torch.zeros(n, dtype=torch.long, device=device)
+        self.kl_init: torch.Tensor | None = None
+        self.active = torch.arange(n, device=device)
+        self.read = _ReadOut(view, self.tg_all)
+        self.read.select(self.active)
+
+    def step(self, it: int, stand_in: StandIn, progress: Any) -> bool:
+        """Step ``it``: the loss of every active request; those still going make their
+        update. False once none is left."""
+        active, n_act = self.active, len(self.active)
+        local = torch.full((self.n,), -1, dtype=torch.long, device=self.device)
+        local[active] = torch.arange(n_act, device=self.device)
+        d_act = self.delta[active].clone().requires_grad_(True)
+        loss, keep = self._loss(self.read(self.ps.step(stand_in, d_act, local)), d_act)
+        if progress is not None:
+            progress.update(n_act - len(keep))
+        if not keep:
+            return False
+        keep_t = torch.tensor(keep, device=self.device)
+        (loss[keep_t].sum()).backward()  # only continuing rows; rows are independent
+        cont = self._update(active[keep_t], d_act.grad[keep_t], it)
+        if len(keep) < n_act:
+            self._narrow(cont)
+        return True
+
+    def _loss(self, read: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+              d_act: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """The loss per active request, and which of them go on (their stop rules record it)."""
+        target_logp, pred, kl_logp = read
+        tg_all, active, cfg = self.tg_all, self.active, self.cfg
+        if self.kl_init is None:
+            self.kl_init = kl_logp.detach().clone()
+        loss, _ = value_loss(
+            target_logp, tg_all.mask[active], kl_logp, self.kl_init[active], d_act,
+            self.h0_norm[active], tg_all.n_target[active], kl_factor=cfg.kl_factor,
+            weight_decay=cfg.v_weight_decay)
+        tg = tg_all.targets[active]
+        correct = prompts_correct(pred[:, 1:], tg[:, 1:], tg_all.mask[active][:, 1:]).all(-1)
+        losses, corrects = loss.detach().tolist(), correct.tolist()  # one device sync
+        keep = [q for q, i in enumerate(active.tolist())
+                if self.rules[i].record(losses[q], corrects[q])]
+        return loss, keep
+
+    def _update(self, cont: torch.Tensor, grad: torch.Tensor, it: int) -> torch.Tensor:
+        """Adam and clamp on the rows ``cont`` that go on; returns them."""
+        new = self.adam.step(cont, grad, it + 1)  # each has made exactly `it` updates so far
+        clamp_(new, self.cfg.clamp_norm_factor * self.h0_norm[cont])
+        self.delta[cont] = new
+        self.zero_grads[cont] += (~grad.any(dim=-1)).long()  # read once at the end: no sync
+        for i in cont.tolist():
+            self.rules[i].updates += 1
+        return cont
+
+    def _narrow(self, cont: torch.Tensor) -> None:
+        """Only the requests ``cont`` stay in the packed rows and the read-out."""
+        self.active = cont
+        kept = set(cont.tolist())
+        self.ps.select([k for k, s in enumerate(self.ps.segs) if s.req in kept])
+        self.read.select(cont)
 
 
 def _logits(head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
