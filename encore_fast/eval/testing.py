@@ -10,12 +10,12 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
+from encore_fast.batch_report import BatchReport
 from encore_fast.models.fingerprint import model_fingerprint
 
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -83,17 +83,7 @@ class LookupLM(torch.nn.Module):
         return SimpleNamespace(logits=self.table[input_ids])
 
 
-@dataclass
-class FakeReport:
-    """Same fields as the editor's BatchReport."""
-
-    batch_index: int
-    n_requests: int
-    seconds: float
-    steps: list[int]
-    mpes_stopped: list[bool]
-    weight_norms: dict[int, float]
-    delta_norms: dict[int, float]
+FakeReport = BatchReport  # (the editor's own report type)
 
 
 class FakeEditor:
