@@ -1,6 +1,6 @@
 """Edit settings and the published presets.
 
-One :class:`EditConfig` holds every knob of the MEMIT-family algorithm (DESIGN.md §2). Presets
+One :class:`EditConfig` holds every knob of the MEMIT-family algorithm (docs/design.md §2). Presets
 give the papers' settings per model; every field can be overridden by keyword. What the settings
 need to know of each method (:class:`MethodSettings`) is told to them by the method registry
 (``encore_fast.methods.register``): this module sits below the methods and never imports them.

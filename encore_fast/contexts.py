@@ -1,5 +1,5 @@
-"""An editor's context templates (``["{}"]`` + generated prefixes, DESIGN.md §2.2): made once
-from the unedited model, the same on every rank; and the room they leave a request's tokens."""
+"""An editor's context templates (``["{}"]`` + generated prefixes, docs/design.md §2, step 1): made
+once from the unedited model, the same on every rank; and the room they leave a request's tokens."""
 
 from __future__ import annotations
 

@@ -1,13 +1,12 @@
 """The :class:`Editor`: sequential batches of fact edits, with undo, reset, save and load.
 
-Data flows one way (DESIGN.md §6): requests -> validation -> values ``z`` and keys ``K`` (model
-work, ``values/``) -> update rule (linear algebra, ``methods/``) -> weights (``kernels``). The
-editor runs that pipeline and owns the sequential state (per layer ``S`` and solver; the edited
-matrices: ``matrices``); it delegates what differs between the engines (``engines``), the
-batches undo, save and load replay (``history``), the ranks of a process group (``sharing``),
-``C0`` (``layer_states``), the context templates (``contexts``) and the checks and report of a
-batch (``batch_report``), each a module of ``encore_fast``.
-"""
+Data flows one way (docs/ARCHITECTURE.md): requests -> validation -> values ``z`` and keys ``K``
+(model work, ``values/``) -> update rule (linear algebra, ``methods/``) -> weights (``kernels``).
+The editor runs that pipeline and owns the sequential state (per layer ``S`` and solver; the edited
+matrices: ``matrices``); it delegates what differs between the engines (``engines``), the batches
+undo, save and load replay (``history``), the ranks of a process group (``sharing``), ``C0``
+(``layer_states``), the context templates (``contexts``) and the checks and report of a batch
+(``batch_report``), each a module of ``encore_fast``."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The two engines, each one object: how values are optimised, which solver a layer gets, and
 whether the key passes reuse the blocks below the first edited layer.
 
-Both compute the same edits (DESIGN.md §3). The reference engine follows the published code:
+Both compute the same edits (docs/design.md §4). The reference engine follows the published code:
 one request at a time through the whole model, a direct float64 solve of the full system per
 batch. The fast engine optimises a batch's values together (packed, prefix reuse), keeps a
 Woodbury inverse per layer, and runs the blocks below the first edited layer once per batch.

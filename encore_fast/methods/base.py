@@ -3,7 +3,7 @@
 Every method in the MEMIT family produces an update of rank ``n`` (the batch size) whose left
 factor is the residual matrix ``R``; a rule only has to return the right factor ``V``. The
 per-layer state (``C0``, the sequential sum ``S`` of earlier keys, AlphaEdit's projector) lives in
-:class:`LayerState`. The reference solves in float64, as DESIGN.md §2 specifies.
+:class:`LayerState`. The reference solves in float64, as docs/design.md §2 says.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The reference solves a ``d_in × d_in`` system per layer and batch (O(d³)). Here each layer keeps
 the inverse of the part of the system that changes only between batches, and folds each batch in
-with a rank-``n`` Woodbury update (DESIGN.md §3):
+with a rank-``n`` Woodbury update (docs/design.md §4):
 
 * MEMIT family: ``B = λ_p C0 + λ_n I + S``; ``A⁻¹K = B⁻¹K (I + Kᵀ B⁻¹ K)⁻¹`` and after the batch
   ``B⁻¹ ← B⁻¹ − G (I + Kᵀ G)⁻¹ Gᵀ`` with ``G = B⁻¹K``, applied as a SYRK down-date

@@ -1,6 +1,6 @@
 """Fast value optimisation: every request of a batch at once, and only the work δ can change.
 
-Computes the same ``z`` as :mod:`encore_fast.values.reference` (DESIGN.md §3):
+Computes the same ``z`` as :mod:`encore_fast.values.reference` (docs/design.md §4):
 
 * **Batched**: δ is ``[n, d_model]``; each request's loss depends only on its own row, and the
   per-row Adam, clamp, loss cut-off, step limit and MPES reproduce each request's own trajectory.

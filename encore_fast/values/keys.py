@@ -1,7 +1,7 @@
 """Keys and current values at the last subject token, batched over requests and templates.
 
-Keys (DESIGN.md §2.4): the input of the edited matrix at the last subject token, averaged as
-½·(raw prompt) + ½·(mean over the prefixed prompts). Current values: the output of the last
+Keys (docs/design.md §2, step 4): the input of the edited matrix at the last subject token, averaged
+as ½·(raw prompt) + ½·(mean over the prefixed prompts). Current values: the output of the last
 edited block at the raw prompt's last subject token. Each forward pass stops after the block it
 needs; right padding keeps positions exact.
 

@@ -1,10 +1,9 @@
 """Reference value optimisation: one request at a time, the whole model each step.
 
-This follows the published MEMIT/ENCORE code step by step (DESIGN.md §2.2-2.3): a free vector δ
-is added to the output of block ``layer`` at the last subject token of every prompt, the full
-model runs, full-vocabulary logits are formed, and Adam optimises δ. It is slow on purpose: it is
-the yardstick the fast engine is tested against.
-"""
+This follows the published MEMIT/ENCORE code step by step (docs/design.md §2, steps 2-3): a free
+vector δ is added to the output of block ``layer`` at the last subject token of every prompt, the
+full model runs, full-vocabulary logits are formed, and Adam optimises δ. It is slow on purpose: it
+is the yardstick the fast engine is tested against."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Context templates: ``"{}"`` plus short model-generated prefixes (DESIGN.md §2.1).
+"""Context templates: ``"{}"`` plus short model-generated prefixes (docs/design.md §2, step 1).
 
 Each prefix is sampled from the model (top-5, 10 tokens including the seed word) with a fixed
 seed, braces replaced by spaces, and ``". {}"`` appended. They are generated once per model so
