@@ -1,7 +1,7 @@
 """The package is a one-way house (docs/ARCHITECTURE.md): no import circles (not even through
 function-level imports), no import of a higher layer, every module placed in a layer, every
-function-level import listed with its reason, and no function over 60 lines (Triton kernel
-bodies excepted, with a comment saying why).
+function-level import listed with its reason, no function over 60 lines (Triton kernel
+bodies excepted, with a comment saying why), and no module reaching into another's private names.
 
 The code is read, not imported (``ast``): a module's imports are those outside any function
 (module level, including ``if``/``try`` blocks and class bodies) and those inside one (function
@@ -334,6 +334,34 @@ def parse_layers(text: str) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- the package
 
+# Private names of other libraries that the package must touch (third-party internals).
+FOREIGN_PRIVATE = {("encore_fast.models.arch", "config._attn_implementation"),
+                   ("encore_fast.kernels._triton", "interpreter._patch_lang")}
+
+
+def private_reaches(modules: Mapping[str, Path]) -> list[str]:
+    """``obj._name`` on anything but ``self``/``cls``, and ``from m import _name`` of another
+    module: a module reaching into another's private names (a relative import of a package's
+    own private module, ``from . import _triton``, is its own business)."""
+    found = []
+    for module, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and _private(node.attr):
+                owner = ast.unparse(node.value)
+                if owner not in ("self", "cls") and (module, f"{owner}.{node.attr}") not in \
+                        FOREIGN_PRIVATE:
+                    found.append(f"{module} line {node.lineno}: {owner}.{node.attr}")
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                found += [f"{module} line {node.lineno}: imports {a.name} from {node.module}"
+                          for a in node.names if _private(a.name)]
+    return found
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
 @pytest.fixture(scope="module")
 def package() -> tuple[dict[str, Path], list[Import]]:
     modules = find_modules(SOURCES)
@@ -398,6 +426,12 @@ SYNTHETIC_LAYERS = {"pkg": 0, "pkg.a": 0, "pkg.b": 0, "pkg.c": 0, "pkg.low": 0, 
                     "pkg.long": 0, "pkg.kern": 0, "pkg.loop": 0, "pkg.loop2": 0}
 
 
+def test_no_module_reaches_into_another_modules_private_names(package):
+    modules, _ = package
+    found = private_reaches(modules)
+    assert not found, "private names used across modules:\n" + "\n".join(found)
+
+
 @pytest.fixture
 def synthetic(tmp_path) -> tuple[dict[str, Path], list[Import]]:
     for name, text in SYNTHETIC.items():
@@ -447,3 +481,14 @@ def test_layer_lines_are_read_with_their_order():
             "- **L7 cli**, lowest first — `c` < `d`: the command lines.\n"
             "- not a layer line: `e`\n")
     assert parse_layers(page) == {"a": 0, "b.*": 0, "c": 7.0, "d": 7.1}
+
+
+def test_checker_reports_private_reaches(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "a.py").write_text(
+        "from pkg.b import _hidden, shown\n"
+        "class A:\n    def f(self, ed):\n        return self._x + ed._history + ed.__class__\n")
+    (tmp_path / "pkg" / "b.py").write_text("_hidden = shown = 1\n")
+    found = private_reaches(find_modules({"pkg": tmp_path / "pkg"}))
+    assert found == ["pkg.a line 1: imports _hidden from pkg.b", "pkg.a line 4: ed._history"]
