@@ -1,4 +1,4 @@
-"""The ``encore-fast`` console command: ``demo``, ``edit`` and ``eval``."""
+"""The encore-fast console command: demo, edit, eval and eval-snapshots."""
 
 from __future__ import annotations
 

@@ -228,7 +228,11 @@ class Editor:
     def edit(self, requests: Iterable[EditRequest | Mapping[str, Any]],
              batch_size: int | None = None, progress: bool | None = None) -> list[BatchReport]:
         """Apply ``requests`` in batches of ``batch_size`` (default ``hparams.batch_size``),
-        one after another on the model as edited so far.
+        one after another on the model as edited so far; returns one :class:`BatchReport` per
+        batch (time, value steps, MPES stops, weight and update norms per layer).
+
+        ``requests``: :class:`EditRequest` objects or dicts (``prompt``, ``subject``,
+        ``target_new``, ...), or a single one of either.
 
         All requests are validated first; a bad one raises :class:`RequestError` before any
         weight changes. Each batch is a transaction: if it fails (:class:`EditError`, or an

@@ -18,7 +18,33 @@ from safetensors.torch import save_file
 
 
 def _tmp_path(path: Path) -> Path:
+    """This process's temporary file for ``path`` (clearing those of writers that are gone)."""
+    clear_stale_temporaries(path)
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def clear_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files of earlier writes of ``path`` whose writer process no longer
+    runs (a save killed mid-write leaves one); returns those removed. A live writer's file,
+    and this process's own, are left alone."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.tmp*"):
+        pid = tmp.name[len(f".{path.name}.tmp"):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # (another user's process: alive)
+        return True
+    return True
 
 
 def atomic_save(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],

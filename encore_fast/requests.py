@@ -141,11 +141,24 @@ def target_with_space(target: str) -> str:
     return target if target[:1].isspace() else " " + target
 
 
-def as_requests(items: Iterable[EditRequest | Mapping[str, Any]]) -> list[EditRequest]:
-    """Accept requests or dicts (any supported layout) and return a list of requests."""
+def as_requests(items: Iterable[EditRequest | Mapping[str, Any]] | EditRequest | Mapping[str, Any]
+                ) -> list[EditRequest]:
+    """Requests, or dicts in any supported layout, as a list of requests; one request or one
+    dict alone is taken as a list of one. Anything else is a :class:`RequestError` naming it."""
+    if isinstance(items, (EditRequest, Mapping)):
+        items = [items]
+    elif isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise RequestError(f"requests must be EditRequest objects or dicts (or a list of them), "
+                           f"got {type(items).__name__} {str(items)[:60]!r}")
     out = []
-    for item in items:
-        out.append(item if isinstance(item, EditRequest) else EditRequest.from_dict(item))
+    for i, item in enumerate(items):
+        if isinstance(item, EditRequest):
+            out.append(item)
+        elif isinstance(item, Mapping):
+            out.append(EditRequest.from_dict(item))
+        else:
+            raise RequestError(f"request #{i} is a {type(item).__name__} "
+                               f"({str(item)[:60]!r}), not an EditRequest or a dict")
     return out
 
 

@@ -1,0 +1,71 @@
+"""What a user meets first: one request given alone, a wrong type named, the edit report's
+shape, plain-text help, and the temporary file a killed save leaves behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from encore_fast.io import atomic_write_text, clear_stale_temporaries
+from encore_fast.requests import RequestError, as_requests
+
+ONE = {"prompt": "The capital of {} is", "subject": "France", "target_new": "Rome"}
+
+
+def test_one_request_or_dict_alone_is_a_list_of_one():
+    (req,) = as_requests(ONE)
+    assert req.subject == "France" and as_requests(req) == [req]
+    assert as_requests([ONE, req]) == [req, req]
+
+
+@pytest.mark.parametrize("bad,named", [
+    ("The capital of France is Rome", "str"),
+    (42, "int"),
+    ([ONE, "Rome"], "request #1 is a str"),
+    ([ONE, None], "request #1 is a NoneType"),
+])
+def test_other_types_are_refused_by_name(bad, named):
+    with pytest.raises(RequestError, match=named):
+        as_requests(bad)
+
+
+def test_editor_takes_one_dict(tiny_models, tokenizer):
+    import copy
+
+    from helpers import small_editor
+
+    corpus = ["The river runs past the old mill and into the valley below the town."] * 8
+    ed = small_editor(copy.deepcopy(tiny_models["llama"]), tokenizer, corpus)
+    w0 = ed.edited_weight(ed.hparams.layers[0]).clone()
+    (report,) = ed.edit(ONE)
+    assert report.n_requests == 1 and ed.num_edits == 1
+    assert not torch.equal(ed.edited_weight(ed.hparams.layers[0]), w0)
+    with pytest.raises(RequestError, match="str"):
+        ed.edit("France -> Rome")
+    assert ed.num_edits == 1
+
+
+def test_help_is_plain_text():
+    out = subprocess.run([sys.executable, "-m", "encore_fast", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "encore-fast" in out and "``" not in out and ":class:" not in out
+
+
+def test_a_killed_saves_temporary_file_is_cleared_by_the_next_save(tmp_path):
+    target = tmp_path / "edits.json"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that has exited: its writer is gone
+    stale = tmp_path / f".edits.json.tmp{gone.pid}"
+    stale.write_text("half")
+    live = tmp_path / f".edits.json.tmp{os.getppid()}"  # a running process's: left alone
+    live.write_text("busy")
+    other = tmp_path / f".other.json.tmp{gone.pid}"  # another target's: not this save's
+    other.write_text("x")
+    atomic_write_text(target, "{}")
+    assert target.read_text() == "{}"
+    assert not stale.exists() and live.exists() and other.exists()
+    assert clear_stale_temporaries(tmp_path / "other.json") == [other]
