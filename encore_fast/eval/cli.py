@@ -49,6 +49,7 @@ from encore_fast.eval.run import (
     EvalSettings,
     RunConfigError,
     arrange_batches,
+    check_stop,
     evaluate_snapshots,
     run_sequential,
 )
@@ -271,6 +272,7 @@ def run_eval(args: argparse.Namespace) -> int:
         stream, _ = arrange_batches(records[: args.num_edits], args.batch_size)
         validate_requests([rec.request for rec in stream], None, batch_size=args.batch_size)
         settings = settings_from_args(args)
+        check_stop(getattr(args, "stop_on_collapse", False), settings)
         check_eval_data(settings)
         check_model(args.model)
         run_sequential(

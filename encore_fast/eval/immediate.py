@@ -13,7 +13,6 @@ batches, with a Wilson interval over all the facts.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,16 +53,15 @@ def batch_shares(model: Any, tokenizer: Any, records: Sequence[EvalRecord],
 def score_batch(model: Any, tokenizer: Any, records: Sequence[EvalRecord],
                 indices: Sequence[int], settings: EvalSettings) -> tuple[dict[str, Any],
                                                                          list[Row]]:
-    """The batch line's ``"immediate"`` part (each score's mean, ``n``, ``seconds``) and the
-    per-fact rows (``indices``: the records' positions in the stream)."""
-    start = time.perf_counter()
+    """The batch line's ``"immediate"`` part (each score's mean and ``n``; the runner adds the
+    ``seconds`` it took) and the per-fact rows (``indices``: the records' positions in the
+    stream)."""
     shares = batch_shares(model, tokenizer, records, settings)
     means = group_means(shares, len(records))
     part: dict[str, Any] = {k: means[k] for k in KEYS if k in means}
     part["n"] = means["n_records"]
     rows = [{**row, "metric": "immediate"}
             for row in record_rows(indices, [r.request.case_id for r in records], shares)]
-    part["seconds"] = time.perf_counter() - start
     return part, rows
 
 

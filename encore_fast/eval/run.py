@@ -83,7 +83,7 @@ def run_sequential(
     path of ``results.jsonl``.
     """
     settings = settings or EvalSettings()
-    _check_stop(stop_on_collapse, settings)
+    check_stop(stop_on_collapse, settings)
     n = _check_sizes(len(records), num_edits, batch_size, eval_every)
     stream, batches = _stream_batches(records[:n], batch_size)
     folder = RunFolder(out_dir)
@@ -116,8 +116,8 @@ def run_sequential(
     return folder.results
 
 
-def _check_stop(stop_on_collapse: bool, settings: EvalSettings) -> None:
-    """A deferred run cannot stop on collapse: it has no evaluations while it runs."""
+def check_stop(stop_on_collapse: bool, settings: EvalSettings) -> None:
+    """Refuse ``stop_on_collapse`` for a deferred run: it has no evaluations while it runs."""
     if stop_on_collapse and settings.defer:
         raise RunConfigError("stop_on_collapse needs the run's own evaluations, and a deferred "
                              "run (defer=True, --defer-eval) has none; ask for one of the two")
@@ -180,13 +180,15 @@ def _edit_batch(ed: Any, folder: RunFolder, batches: Sequence[Sequence[EvalRecor
 
 def _immediate(ed: Any, folder: RunFolder, batches: Sequence[Sequence[EvalRecord]], b: int,
                settings: EvalSettings) -> dict[str, Any]:
-    """Batch ``b``'s own facts scored now: the line's part; the rows into its outcome file."""
+    """Batch ``b``'s own facts scored now: the line's part (with the ``seconds`` it took); the
+    rows into its outcome file."""
+    start = time.perf_counter()
     first = sum(len(x) for x in batches[:b])
     records = batches[b]
     part, rows = score_batch(ed.model, ed.tokenizer, records,
                              range(first, first + len(records)), settings)
     folder.write_outcomes(batch_file(b), rows, {"batch": b, "edits_done": first + len(records)})
-    return part
+    return {**part, "seconds": time.perf_counter() - start}
 
 
 class _Evaluations:
