@@ -272,6 +272,22 @@ def test_paired_comparison_with_holm_verdicts(tmp_path):
     assert [c["significant"] for c in saved["comparisons"]] == [True, False, True]
 
 
+def test_plots_draw_bands_where_intervals_exist(tmp_path):
+    pytest.importorskip("matplotlib")
+    from encore_fast.eval.health import INFORMATIVE, Downstream
+    from encore_fast.eval.plots import draw_figure, plot_runs
+
+    a = comparable(tmp_path, "a", lambda i: 1.0, lambda i: 1.0, GOLD)
+    band = INFORMATIVE.band(a)
+    assert band is not None and band[0] == [0, 100] and band[1][0] <= 1.0 <= band[2][0]
+    spec = Downstream.figures[0]
+    assert INFORMATIVE in spec.panels([a])
+    fig = draw_figure(spec, [a])
+    assert any(ax.collections for ax in fig.axes)  # (fill_between: the bands)
+    names = [p.name for p in plot_runs([a.path], tmp_path / "plots")]
+    assert "downstream.png" in names
+
+
 def test_comparison_needs_the_same_facts(tmp_path):
     a = comparable(tmp_path, "a", lambda i: 1.0, lambda i: 1.0, GOLD)
     other = load_run(write_run(tmp_path / "c", "c", [
