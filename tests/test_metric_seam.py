@@ -186,11 +186,15 @@ def test_unregistered_metric_is_gone_and_registration_is_checked(tmp_path):
     assert "mean_logit" not in summarize_run(load_run(out))
 
 
-BUILTIN = ["counterfact", "realistic", "generation", "zsre", "perplexity", "known_facts",
-           "weight_norms", "edit_time", "downstream", "forgetting"]
+BUILTIN = ["counterfact", "immediate", "realistic", "generation", "zsre", "perplexity",
+           "known_facts", "weight_norms", "edit_time", "downstream", "forgetting"]
+# (the issue "A benchmark you can trust" added the n beside each score: n_<score>, n_known,
+# n_known_before, n_ppl_windows, n_ppl_tokens, and real_s)
 LINE = {"type", "batches", "edits_done", "metrics", "downstream", "perplexity", "known_acc",
-        "known_correct", "known_retained", "weight_norms", "seconds"}
-METRICS = {"n_records", "es", "ps", "ns", "s", "ge", "real_es", "real_ps", "real_ns"}
+        "known_correct", "known_retained", "weight_norms", "seconds", "n_known",
+        "n_known_before", "n_ppl_windows", "n_ppl_tokens"}
+METRICS = {"n_records", "es", "ps", "ns", "s", "ge", "real_es", "real_ps", "real_ns",
+           "real_s", "n_es", "n_ps", "n_ns", "n_real_es", "n_real_ps", "n_real_ns"}
 SETTINGS = {"sample", "seed", "batch_size", "generation_tokens", "generation_source",
             "wikitext", "ppl_tokens", "ppl_window", "known_facts", "known_n", "downstream",
             "downstream_n", "downstream_shots", "realistic", "realistic_neighbours",
@@ -218,8 +222,8 @@ def test_builtin_metrics_write_todays_evaluation_lines(tiny_models, tokenizer, c
     assert set(evals[0]) == LINE | {"neighbour_answers"}
     assert all(set(x) == LINE | {"forgetting"} for x in evals[1:])
     assert all(set(x["metrics"]) == METRICS for x in evals)
-    assert all(set(x["forgetting"]) == {"n_records", "es", "ps", "s", "real_es"}
-               for x in evals[1:])
+    assert all(set(x["forgetting"]) == {"n_records", "es", "ps", "s", "real_es", "n_es",
+                                        "n_ps", "n_real_es"} for x in evals[1:])
     assert evals[0]["metrics"]["real_ns"] == 1.0
     assert evals[0]["perplexity"] == pytest.approx(
         wikitext_perplexity(model, tokenizer, wiki, 256, 64))
@@ -227,6 +231,7 @@ def test_builtin_metrics_write_todays_evaluation_lines(tiny_models, tokenizer, c
     assert set(config["settings"]) == SETTINGS  # (as runs written before: they resume)
     row = summarize_run(load_run(out))
     assert list(row) == ["run", "edits", "es", "ps", "ns", "s", "real_es", "real_ps", "real_ns",
-                         "ge", "ppl_before", "ppl_after", "ppl_ratio", "known_before",
+                         "real_s", "ge", "ppl_before", "ppl_after", "ppl_ratio", "known_before",
                          "known_after", "known_retained", "norm_growth", "sec_per_edit",
-                         "downstream_f1", "forget_es"]
+                         "downstream_f1", "informative_f1", "informative", "forget_es",
+                         "collapse"]  # (the last ones: from the outcome files)

@@ -49,17 +49,20 @@ from encore_fast.eval.run import (
     EvalSettings,
     RunConfigError,
     arrange_batches,
+    check_stop,
     evaluate_snapshots,
     run_sequential,
 )
 from encore_fast.eval.seam import Option, data_file
-from encore_fast.eval.settings import FIELDS
+from encore_fast.eval.settings import FIELDS, SAMPLINGS, STUDY
 from encore_fast.methods import RULES
 from encore_fast.models.dtypes import DTYPES
 from encore_fast.models.loading import load_model
 from encore_fast.requests import validate_requests
 
 DEFAULT_DATASET = "counterfact/counterfact-edit.json"
+EVAL_SAMPLE = 100  # --eval-sample's default
+PROTOCOLS = ("custom", "study")
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,10 +101,21 @@ def _add_evaluation_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--eval-sample",
         type=non_negative_int,
-        default=100,
-        help="evaluate a fixed random sample of this many records (0: all)",
+        default=EVAL_SAMPLE,
+        help="evaluate a fixed random sample of this many records (0: all; with "
+             "--eval-sampling edited, 0 means the protocol's 1000)",
     )
     g.add_argument("--seed", type=int, default=0, help="seed of that sample")
+    g.add_argument("--eval-sampling", default="stream", choices=SAMPLINGS,
+                   help="stream: the sample is drawn from the whole stream, and each "
+                        "evaluation scores its edited records (the default); edited: each "
+                        "evaluation scores --eval-sample edited facts, the same for every "
+                        "method and nested across evaluations (the study's)")
+    g.add_argument("--protocol", default="custom", choices=PROTOCOLS,
+                   help="study: the study's protocol at once (--eval-sampling edited, "
+                        "--eval-sample 1000, --downstream-n 400, every known fact, "
+                        "--realistic, --forgetting 1000, --immediate); an option given with "
+                        "a value other than its default keeps that value")
     for metric in registered():
         for option in metric.options:
             _add_option(g, option)
@@ -133,6 +147,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="editing method (default: encore)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/<method>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--stop-on-collapse", action="store_true",
+                        help="end the run when the study's collapse rule holds (perplexity "
+                             "x10, or the informative downstream mean F1 at its majority "
+                             "level, at two evaluations in a row); not with --defer-eval")
     add_common_arguments(parser)
 
 
@@ -156,14 +174,22 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
                 fields[option.setting] = value
             elif value != metric.settings.get(option.setting):
                 extra[option.setting] = value
-    return EvalSettings(
-        sample=args.eval_sample or None,
-        seed=args.seed,
-        batch_size=args.score_batch_size,
-        defer=getattr(args, "defer_eval", False),
-        metric_settings=extra,
-        **fields,
-    )
+    chosen = dict(sample=args.eval_sample or None, seed=args.seed,
+                  batch_size=args.score_batch_size, defer=getattr(args, "defer_eval", False),
+                  sampling=getattr(args, "eval_sampling", "stream"), **fields)
+    if getattr(args, "protocol", "custom") == "study":
+        chosen = study_settings(chosen)
+    return EvalSettings(metric_settings=extra, **chosen)
+
+
+def study_settings(chosen: dict[str, Any]) -> dict[str, Any]:
+    """``--protocol study``: the study's value (:data:`~encore_fast.eval.settings.STUDY`) of
+    each setting whose option was left at its default."""
+    defaults: dict[str, Any] = {"sample": EVAL_SAMPLE, "sampling": "stream"}
+    defaults.update({o.setting: o.setting_value(o.default) for m in registered()
+                     for o in m.options if o.setting in STUDY})
+    return {**chosen, **{k: v for k, v in STUDY.items()
+                         if chosen.get(k, defaults.get(k)) == defaults.get(k)}}
 
 
 def editor_factory(
@@ -246,6 +272,7 @@ def run_eval(args: argparse.Namespace) -> int:
         stream, _ = arrange_batches(records[: args.num_edits], args.batch_size)
         validate_requests([rec.request for rec in stream], None, batch_size=args.batch_size)
         settings = settings_from_args(args)
+        check_stop(getattr(args, "stop_on_collapse", False), settings)
         check_eval_data(settings)
         check_model(args.model)
         run_sequential(
@@ -260,6 +287,7 @@ def run_eval(args: argparse.Namespace) -> int:
             run_info=run_info(args, args.method, overrides),
             progress=not args.quiet,
             make_plots=not args.no_plots,
+            stop_on_collapse=getattr(args, "stop_on_collapse", False),
         )
     except USER_ERRORS as exc:
         print(error_line("eval", exc), file=sys.stderr)

@@ -12,6 +12,7 @@ degradation"). These checks are cheap on purpose so they can run every few batch
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -58,20 +59,31 @@ def perplexity_windows(
     return torch.tensor(rows, dtype=torch.long)
 
 
-@torch.no_grad()
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
     """exp(mean next-token NLL) over all predicted tokens of the windows."""
+    return perplexity_of(window_nll(model, windows, batch_size))
+
+
+@torch.no_grad()
+def window_nll(model: torch.nn.Module, windows: torch.Tensor,
+               batch_size: int = 4) -> list[tuple[float, int]]:
+    """Per window: the sum of its next-token NLLs and the number of tokens predicted (the
+    items a perplexity is made of, and an interval resampled from)."""
     device = input_device(model)
-    total, count = 0.0, 0
+    out: list[tuple[float, int]] = []
     for start in range(0, windows.shape[0], batch_size):
         ids = windows[start : start + batch_size].to(device)
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, :-1]
         nll = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += nll.item()
-        count += ids[:, 1:].numel()
-    return float(torch.tensor(total / count).exp())
+            logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+            reduction="none").view(ids.shape[0], -1)
+        out += [(float(row.sum(dtype=torch.float64)), row.numel()) for row in nll]
+    return out
+
+
+def perplexity_of(windows: Sequence[tuple[float, int]]) -> float:
+    """exp(total NLL / total tokens) of per-window ``(nll, tokens)``."""
+    return math.exp(sum(n for n, _ in windows) / sum(t for _, t in windows))
 
 
 def wikitext_perplexity(

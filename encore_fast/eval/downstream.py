@@ -259,8 +259,18 @@ def accuracy(gold: Sequence[int], pred: Sequence[int]) -> float:
 def evaluate_task(model: torch.nn.Module, tokenizer: Any, task: Task,
                   batch_size: int = 16) -> dict[str, float]:
     """F1 (weighted), MCC and accuracy of ``model`` on ``task``."""
-    nll = label_nll(model, tokenizer, task.context, task.prompts, task.spec.labels, batch_size)
-    pred = predict(nll)
+    return task_scores(task, task_predictions(model, tokenizer, task, batch_size))
+
+
+def task_predictions(model: torch.nn.Module, tokenizer: Any, task: Task,
+                     batch_size: int = 16) -> list[int]:
+    """The label ``model`` predicts for each of ``task``'s examples."""
+    return predict(label_nll(model, tokenizer, task.context, task.prompts, task.spec.labels,
+                             batch_size))
+
+
+def task_scores(task: Task, pred: Sequence[int]) -> dict[str, float]:
+    """F1 (weighted), MCC, accuracy and ``n`` of the predictions ``pred`` on ``task``."""
     k = len(task.spec.labels)
     return {"f1": f1_weighted(task.gold, pred, k), "mcc": mcc(task.gold, pred, k),
             "acc": accuracy(task.gold, pred), "n": len(task.gold)}

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from encore_fast.eval.datasets import EvalRecord
+from encore_fast.eval.metrics import Shares, group_means, record_shares
 from encore_fast.models.loading import pad_id
 from encore_fast.models.placement import input_device
 from encore_fast.requests import encode, target_token_ids
@@ -80,6 +81,17 @@ def realistic_metrics(model: torch.nn.Module, tokenizer: Any, records: Sequence[
     """``real_es``, ``real_ps``, ``real_ns`` over ``records`` (the first ``neighbours``
     neighbourhood prompts of each), and the neighbourhood answers keyed by prompt. Without a
     ``baseline`` (the unedited model's answers) ``real_ns`` is not computed."""
+    result, answers, _ = realistic_scores(model, tokenizer, records, baseline, neighbours,
+                                          batch_size, groups)
+    return result, answers
+
+
+def realistic_scores(model: torch.nn.Module, tokenizer: Any, records: Sequence[EvalRecord],
+                     baseline: dict[str, str] | None = None, neighbours: int = 2,
+                     batch_size: int = 16, groups: Sequence[str] = ("es", "ps", "ns"),
+                     ) -> tuple[dict[str, float | None], dict[str, str], Shares]:
+    """:func:`realistic_metrics`, and what they average: each record's share per group
+    (``real_es``, ...; a record without prompts of a group has none there)."""
     jobs: list[tuple[int, str, str, str]] = []  # (record, group, prompt, target)
     for r, rec in enumerate(records):
         new = rec.request.target_new
@@ -95,7 +107,7 @@ def realistic_metrics(model: torch.nn.Module, tokenizer: Any, records: Sequence[
     answers = {prompt: normalise(text) for (_, g, prompt, _), text in zip(jobs, texts,
                                                                           strict=True)
                if g == "ns"}
-    hits: dict[str, dict[int, list[bool]]] = {g: {} for g in groups}
+    hits: dict[str, dict[int, list[bool]]] = {f"real_{g}": {} for g in groups}
     for (r, group, prompt, target), text in zip(jobs, texts, strict=True):
         if group == "ns":
             if baseline is None or prompt not in baseline:
@@ -103,9 +115,7 @@ def realistic_metrics(model: torch.nn.Module, tokenizer: Any, records: Sequence[
             ok = answers[prompt] == baseline[prompt]
         else:
             ok = starts_with_target(text, target)
-        hits[group].setdefault(r, []).append(ok)
-    result: dict[str, float | None] = {}
-    for group in groups:
-        per = [sum(h) / len(h) for h in hits[group].values()]
-        result[f"real_{group}"] = sum(per) / len(per) if per else None
-    return result, answers
+        hits[f"real_{group}"].setdefault(r, []).append(ok)
+    shares = record_shares(hits)
+    result = {k: v for k, v in group_means(shares, len(records)).items() if k != "n_records"}
+    return result, answers, shares  # type: ignore[return-value]

@@ -1,6 +1,13 @@
 """The built-in metrics of the model around the edits: WikiText perplexity, known facts,
 downstream tasks (ENCORE's "model degradation"), and what the run's batch reports record: the
 edited matrices' norm growth and the editing time.
+
+Their items go into the outcome file: per perplexity window ``window``, ``nll`` (its summed
+next-token NLL) and ``tokens``; per known fact ``fact``, ``correct`` and ``known_before`` (the
+unedited model knew it); per downstream example ``task``, ``example``, ``gold`` and ``pred``.
+Each downstream task's line holds its majority-class levels (``majority_acc``, ``majority_f1``,
+from the scored labels: :func:`~encore_fast.eval.protocol.majority_levels`); the report marks a
+task informative when the unedited model's F1 interval lies above its ``majority_f1``.
 """
 
 from __future__ import annotations
@@ -11,23 +18,29 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from encore_fast.eval import estimates
 from encore_fast.eval.datasets import DatasetError, EvalRecord
 from encore_fast.eval.degradation import (
     KnownFact,
     known_fact_hits,
     load_known_facts,
-    perplexity,
+    perplexity_of,
     perplexity_windows,
+    window_nll,
 )
-from encore_fast.eval.downstream import evaluate_downstream, load_tasks
+from encore_fast.eval.downstream import Task, load_tasks, task_predictions, task_scores
+from encore_fast.eval.intervals import Estimate
+from encore_fast.eval.protocol import majority_levels
 from encore_fast.eval.results import RunData
 from encore_fast.eval.seam import (
+    OUTCOME_ROWS,
     EvalPoint,
     Figure,
     Metric,
     Option,
     Series,
     Values,
+    cell,
     data_file,
     first_value,
 )
@@ -48,6 +61,16 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _estimated(run: RunData, line: Mapping[str, Any], how: Any) -> Estimate | None:
+    """``how(rows)`` of the line's outcome rows (None without rows)."""
+    rows = run.outcomes(line) if line else None
+    return None if rows is None else how(rows)
+
+
+def _perplexity_interval(run: RunData, line: Mapping[str, Any]) -> Estimate | None:
+    return _estimated(run, line, estimates.perplexity)
+
+
 class Perplexity(Metric):
     """Perplexity on the first tokens of a WikiText file (fixed, non-overlapping windows)."""
 
@@ -62,7 +85,9 @@ class Perplexity(Metric):
         Option("--ppl-window", "ppl_window", type=int, minimum=1, default=256,
                help="window length in tokens"),
     )
-    figures = (Figure("perplexity.png", lambda runs: [Series("perplexity", "", bounded=False)],
+    figures = (Figure("perplexity.png",
+                      lambda runs: [Series("perplexity", "", bounded=False,
+                                           interval=_perplexity_interval)],
                       cols=1, size=(5, 3.5), ylabel="perplexity", log=True),)
 
     def enabled(self, settings: EvalSettings) -> bool:
@@ -91,12 +116,19 @@ class Perplexity(Metric):
         return perplexity_windows(tokenizer, text, settings.ppl_tokens, settings.ppl_window)
 
     def evaluate(self, point: EvalPoint, data: Any) -> Mapping[str, Any]:
-        return {"perplexity": perplexity(point.model, data)}
+        windows = window_nll(point.model, data)
+        rows = [{"window": i, "nll": nll, "tokens": t} for i, (nll, t) in enumerate(windows)]
+        return {"perplexity": perplexity_of(windows), "n_ppl_windows": len(windows),
+                "n_ppl_tokens": sum(t for _, t in windows), OUTCOME_ROWS: rows}
 
     def summary(self, run: RunData) -> dict[str, Any]:
         first, last = _edges(run)
         before, after = first.get("perplexity"), last.get("perplexity")
-        return {"ppl_before": before, "ppl_after": after, "ppl_ratio": _ratio(after, before)}
+        ratio = _estimated(run, last, lambda rows: _estimated(
+            run, first, partial(estimates.perplexity_ratio, rows)))
+        return {"ppl_before": cell(_perplexity_interval(run, first), before),
+                "ppl_after": cell(_perplexity_interval(run, last), after),
+                "ppl_ratio": cell(ratio, _ratio(after, before))}
 
     def progress(self, line: Mapping[str, Any]) -> dict[str, float]:
         return {"ppl": line["perplexity"]} if "perplexity" in line else {}
@@ -122,7 +154,8 @@ class KnownFacts(Metric):
         Option("--known-n", "known_n", type=int, minimum=0, default=200,
                help="first known facts checked (0: all)", convert=lambda n: n or None),
     )
-    series = (Series("known_acc"), Series("known_retained"))
+    series = (Series("known_acc", interval=lambda run, line: _known(run, line)[0]),
+              Series("known_retained", interval=lambda run, line: _known(run, line)[1]))
 
     def enabled(self, settings: EvalSettings) -> bool:
         return bool(settings.known_facts)
@@ -148,14 +181,25 @@ class KnownFacts(Metric):
         if data.baseline is None:
             data.baseline = correct
         kept, base = set(correct), data.baseline
+        known = set(base)
+        rows = [{"fact": i, "correct": bool(hit), "known_before": i in known}
+                for i, hit in enumerate(hits)]
         return {"known_acc": len(correct) / len(hits) if hits else None,
                 "known_correct": correct,
-                "known_retained": sum(i in kept for i in base) / len(base) if base else None}
+                "known_retained": sum(i in kept for i in base) / len(base) if base else None,
+                "n_known": len(hits), "n_known_before": len(base), OUTCOME_ROWS: rows}
 
     def summary(self, run: RunData) -> dict[str, Any]:
         first, last = _edges(run)
-        return {"known_before": first.get("known_acc"), "known_after": last.get("known_acc"),
-                "known_retained": last.get("known_retained")}
+        return {"known_before": cell(_known(run, first)[0], first.get("known_acc")),
+                "known_after": cell(_known(run, last)[0], last.get("known_acc")),
+                "known_retained": cell(_known(run, last)[1], last.get("known_retained"))}
+
+
+def _known(run: RunData, line: Mapping[str, Any]) -> tuple[Estimate | None, Estimate | None]:
+    """Known-fact accuracy and retained share at ``line``, with their Wilson intervals."""
+    rows = run.outcomes(line) if line else None
+    return (None, None) if rows is None else estimates.known(rows)
 
 
 def _layer_panels(runs: Sequence[RunData]) -> list[Series]:
@@ -200,16 +244,49 @@ class EditTime(Metric):
         return {"sec_per_edit": seconds / timed_edits if timed_edits else None}
 
 
+def _task_f1(run: RunData, line: Mapping[str, Any], task: str) -> Estimate | None:
+    """A task's F1 at ``line`` with its interval (bootstrap over its examples)."""
+    rows = run.outcomes(line)
+    found = estimates.examples(rows) if rows is not None else {}
+    return estimates.task_f1(*found[task]) if task in found else None
+
+
+def _mean_f1(run: RunData, line: Mapping[str, Any]) -> Estimate | None:
+    """The mean F1 over every task at ``line`` (stratified bootstrap)."""
+    return _estimated(run, line, lambda rows: estimates.mean_f1(estimates.examples(rows)))
+
+
+def _informative_values(run: RunData) -> Values | None:
+    x, y = [], []
+    for line in run.evals:
+        est, _ = estimates.run_informative_mean(run, line)
+        if est is not None:
+            x.append(line["edits_done"])
+            y.append(est.value)
+    return (x, y) if x else None
+
+
+INFORMATIVE = Series("downstream.informative_f1", "informative tasks' mean F1",
+                     read=_informative_values,
+                     interval=lambda run, line: estimates.run_informative_mean(run, line)[0])
+
+
 def _task_panels(runs: Sequence[RunData]) -> list[Series]:
-    """One panel per downstream task the runs hold (F1), and their mean."""
+    """One panel per downstream task the runs hold (F1), their mean, and (where the outcome
+    rows tell which tasks are informative) the informative tasks' mean."""
     tasks = sorted({k for run in runs for line in run.evals
                     for k, v in (line.get("downstream") or {}).items() if isinstance(v, dict)})
-    keys = [f"downstream.{t}.f1" for t in tasks] + ["downstream.mean_f1"]
-    return [Series(k, k.removeprefix("downstream.").replace(".f1", " F1")) for k in keys]
+    panels = [Series(f"downstream.{t}.f1", f"{t} F1", interval=partial(_task_f1, task=t))
+              for t in tasks]
+    panels.append(Series("downstream.mean_f1", "mean_f1", interval=_mean_f1))
+    if any(estimates.run_informative(run) for run in runs):
+        panels.append(INFORMATIVE)
+    return panels
 
 
 class Downstream(Metric):
-    """Few-shot downstream tasks (SST-2, MRPC, CoLA, RTE, NLI, MMLU): F1, MCC, accuracy."""
+    """Few-shot downstream tasks (SST-2, MRPC, CoLA, RTE, NLI, MMLU): F1, MCC, accuracy, and
+    each task's majority-class levels."""
 
     name = "downstream"
     settings = field_defaults("downstream", "downstream_n", "downstream_shots")
@@ -219,11 +296,12 @@ class Downstream(Metric):
                     "the data folder; none: skip, the default)",
                convert=partial(data_file, default=DEFAULT_DOWNSTREAM, what="--downstream")),
         Option("--downstream-n", "downstream_n", type=int, minimum=1, default=100,
-               help="test examples per downstream task (default: 100)"),
+               help="test examples per downstream task, all of a file's up to this many "
+                    "(default: 100; the study protocol: 400)"),
         Option("--downstream-shots", "downstream_shots", type=int, minimum=0, default=3,
                help="few-shot examples per downstream task (default: 3)"),
     )
-    series = (Series("downstream.mean_f1"),)
+    series = (Series("downstream.mean_f1", interval=_mean_f1),)
     figures = (Figure("downstream.png", _task_panels, cols=4, size=(3.6, 2.8), optional=True),)
 
     def enabled(self, settings: EvalSettings) -> bool:
@@ -233,10 +311,27 @@ class Downstream(Metric):
         return load_tasks(settings.downstream or "", shots=settings.downstream_shots,
                           n=settings.downstream_n)
 
-    def evaluate(self, point: EvalPoint, data: Any) -> Mapping[str, Any]:
-        return {"downstream": evaluate_downstream(point.model, point.tokenizer, data,
-                                                  point.settings.batch_size)}
+    def evaluate(self, point: EvalPoint, data: list[Task]) -> Mapping[str, Any]:
+        out: dict[str, Any] = {}
+        rows: list[dict[str, Any]] = []
+        for task in data:
+            pred = task_predictions(point.model, point.tokenizer, task,
+                                    point.settings.batch_size)
+            chance = majority_levels(task.gold, len(task.spec.labels))
+            out[task.spec.name] = {**task_scores(task, pred), "majority_acc": chance["accuracy"],
+                                   "majority_f1": chance["f1"]}
+            rows += [{"task": task.spec.name, "example": i, "gold": g, "pred": p}
+                     for i, (g, p) in enumerate(zip(task.gold, pred, strict=True))]
+        out["mean_f1"] = sum(v["f1"] for v in out.values()) / len(data) if data else None
+        return {"downstream": out, OUTCOME_ROWS: rows}
 
     def summary(self, run: RunData) -> dict[str, Any]:
         _, last = _edges(run)
-        return {"downstream_f1": (last.get("downstream") or {}).get("mean_f1")}
+        value = (last.get("downstream") or {}).get("mean_f1")
+        out = {"downstream_f1": cell(_mean_f1(run, last) if last else None, value)}
+        tasks = estimates.run_informative(run)
+        if tasks is not None:  # (the outcome rows say which tasks carry signal)
+            est, _ = estimates.run_informative_mean(run, last)
+            out["informative_f1"] = est.number() if est is not None else None
+            out["informative"] = " ".join(tasks) or "none"
+        return out

@@ -4,18 +4,22 @@ everything else (paired where two sides share facts or examples), and Holm's cor
 A study table cell is an :class:`Estimate` printed as ``0.72 [0.69, 0.75]``; a comparison is
 the paired interval of ``A - B``, and "A beats B" only when that interval excludes 0 (after
 Holm's correction when several comparisons are read together). SciPy computes the intervals;
-:func:`provenance` records its version and the seed beside the results.
+:func:`provenance` records its version and the seed beside the results. SciPy is an optional
+dependency (extra ``eval``): it is imported when an interval is computed, so that the rest of the
+evaluation (and the command line, which imports it) works without it.
+
+In a summary table an estimate is a :class:`Measure`: a float (the value itself, so code that
+reads the summary as numbers goes on working) that prints with its interval and ``n``.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import scipy
-from scipy import stats
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
@@ -47,11 +51,35 @@ class Estimate:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def number(self) -> Measure:
+        """The value as a float that carries this estimate (a summary table's cell)."""
+        return Measure(self)
+
+
+class Measure(float):
+    """A float equal to an estimate's value, printed as ``0.72 [0.69, 0.75] n=300`` (a table
+    cell); ``estimate`` holds the interval."""
+
+    estimate: Estimate
+
+    def __new__(cls, estimate: Estimate) -> Measure:
+        self = super().__new__(cls, estimate.value)
+        self.estimate = estimate
+        return self
+
+    def __str__(self) -> str:
+        return f"{self.estimate} n={self.estimate.n}"
+
+    def __reduce__(self) -> Any:  # (copies and pickles keep the estimate)
+        return (Measure, (self.estimate,))
+
 
 def wilson(successes: int, n: int, confidence: float = CONFIDENCE) -> Estimate:
     """The proportion ``successes / n`` with its Wilson score interval."""
     if n <= 0 or not 0 <= successes <= n:
         raise ValueError(f"wilson: need 0 <= successes <= n and n > 0, got {successes}/{n}")
+    from scipy import stats
+
     ci = stats.binomtest(int(successes), int(n)).proportion_ci(confidence, method="wilson")
     return Estimate(successes / n, float(ci.low), float(ci.high), int(n), "wilson")
 
@@ -77,6 +105,8 @@ def bootstrap(samples: Sequence[Sequence[float]], statistic: Callable[..., float
     value = float(statistic(*arrays))
     if n < 2:
         return Estimate(value, float("nan"), float("nan"), n, "bootstrap")
+    from scipy import stats
+
     res = stats.bootstrap(arrays, statistic, paired=paired, vectorized=False,
                           n_resamples=resamples, confidence_level=confidence,
                           method="percentile", rng=np.random.default_rng(seed))
@@ -109,9 +139,27 @@ def bootstrap_pvalue(a: Sequence[float], b: Sequence[float],
         raise ValueError("bootstrap_pvalue: needs two aligned samples of at least 2 values")
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, x.size, size=(resamples, x.size))
-    diffs = np.array([statistic(x[i]) - statistic(y[i]) for i in idx])
-    tail = min((diffs <= 0).sum(), (diffs >= 0).sum())
-    return float(min(1.0, max(2 * tail, 1) / (resamples + 1)))
+    return two_sided([statistic(x[i]) - statistic(y[i]) for i in idx])
+
+
+def stratified_pvalue(sizes: Sequence[int], difference: Callable[[list[np.ndarray]], float],
+                      *, resamples: int = RESAMPLES, seed: int = SEED) -> float:
+    """Two-sided p-value of ``difference = 0``, where ``difference`` reads one array of item
+    indices per stratum (e.g. the examples of each downstream task): each resample draws every
+    stratum's indices on its own, and both sides of a pair are read at the same indices."""
+    if not sizes or min(sizes) < 2:
+        raise ValueError("stratified_pvalue: every stratum needs at least 2 items")
+    rng = np.random.default_rng(seed)
+    return two_sided([difference([rng.integers(0, n, n) for n in sizes])
+                      for _ in range(resamples)])
+
+
+def two_sided(diffs: Sequence[float]) -> float:
+    """The p-value of 0 from a bootstrap distribution of differences: twice the smaller tail
+    beyond 0, at least ``1 / (resamples + 1)``."""
+    d = np.asarray(diffs, dtype=float)
+    tail = min((d <= 0).sum(), (d >= 0).sum())
+    return float(min(1.0, max(2 * tail, 1) / (d.size + 1)))
 
 
 def holm(pvalues: Sequence[float], alpha: float = 0.05) -> list[bool]:
@@ -128,6 +176,6 @@ def holm(pvalues: Sequence[float], alpha: float = 0.05) -> list[bool]:
 
 def provenance(seed: int = SEED, resamples: int = RESAMPLES) -> dict[str, Any]:
     """What the intervals were computed with (stored beside the results)."""
-    return {"scipy": scipy.__version__, "numpy": np.__version__, "seed": seed,
+    return {"scipy": importlib.metadata.version("scipy"), "numpy": np.__version__, "seed": seed,
             "resamples": resamples, "confidence": CONFIDENCE, "bootstrap": "percentile",
             "proportions": "wilson"}

@@ -159,6 +159,25 @@ def counterfact_metrics(
     records' ``generation_prompts`` (records without them are skipped) or, with
     ``generation_source="rewrite"``, from each rewrite prompt (for data without them).
     """
+    result, _ = counterfact_scores(model, tokenizer, records, batch_size, groups)
+    if generation_tokens > 0:
+        result["ge"] = records_generation_entropy(model, tokenizer, records, generation_tokens,
+                                                  generation_source)
+    return result
+
+
+Shares = dict[str, dict[int, float]]  # group -> {record's position in the list: its share}
+
+
+def counterfact_scores(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    records: Sequence[EvalRecord],
+    batch_size: int = 16,
+    groups: tuple[str, ...] = ("es", "ps", "ns"),
+) -> tuple[dict[str, float | int | None], Shares]:
+    """:func:`counterfact_metrics` (GE aside) and what they average: each record's share of
+    successful prompts, per group (a record without prompts of a group has none there)."""
     pairs, slots = _counterfact_pairs(records, groups)
     scores = score_targets(
         model, tokenizer, [p for p, _ in pairs], [t for _, t in pairs], batch_size
@@ -168,15 +187,29 @@ def counterfact_metrics(
         p_new, p_true = scores[2 * k].mean_prob, scores[2 * k + 1].mean_prob
         ok = p_new > p_true if group in ("es", "ps") else p_true > p_new
         hits[group].setdefault(r, []).append(ok)
-    result: dict[str, float | int | None] = {"n_records": len(records)}
-    for group, per_record in hits.items():
-        result[group] = _mean([sum(h) / len(h) for h in per_record.values()])
+    shares = record_shares(hits)
+    result = group_means(shares, len(records))
     present = [v for v in (result.get(g) for g in ("es", "ps", "ns")) if v is not None]
     result["s"] = harmonic_mean(present) if present else None  # type: ignore[arg-type]
-    if generation_tokens > 0:
-        result["ge"] = records_generation_entropy(model, tokenizer, records, generation_tokens,
-                                                  generation_source)
+    return result, shares
+
+
+def record_shares(hits: dict[str, dict[int, list[Any]]]) -> Shares:
+    """Per group, each record's mean over its prompts (the values records are averaged from)."""
+    return {g: {r: sum(h) / len(h) for r, h in per.items()} for g, per in hits.items()}
+
+
+def group_means(shares: Shares, n_records: int) -> dict[str, float | int | None]:
+    """``n_records``, then each group's mean over the records that have it (None: none)."""
+    result: dict[str, float | int | None] = {"n_records": n_records}
+    for group, per_record in shares.items():
+        result[group] = _mean(list(per_record.values()))
     return result
+
+
+def group_counts(shares: Shares, prefix: str = "") -> dict[str, int]:
+    """``n_<prefix><group>``: the records each group's score is averaged over."""
+    return {f"n_{prefix}{g}": len(per) for g, per in shares.items()}
 
 
 def _counterfact_pairs(records: Sequence[EvalRecord], groups: tuple[str, ...]) -> tuple[
@@ -232,12 +265,23 @@ def zsre_metrics(
     records: Sequence[EvalRecord],
     batch_size: int = 16,
 ) -> dict[str, float | int | None]:
+    """Teacher-forced top-1 token accuracy on rewrite, paraphrase and neighbourhood prompts
+    (:func:`zsre_scores` without the records' own values)."""
+    return zsre_scores(model, tokenizer, records, batch_size)[0]
+
+
+def zsre_scores(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    records: Sequence[EvalRecord],
+    batch_size: int = 16,
+) -> tuple[dict[str, float | int | None], Shares]:
     """Teacher-forced top-1 token accuracy on rewrite, paraphrase and neighbourhood prompts.
 
     As in MEND/MEMIT: for each target token, is the argmax of the next-token logits that token?
     Rewrite and paraphrase prompts are scored against ``target_new``; neighbourhood prompts
     against ``neighborhood_answer`` (zsRE's ``loc_ans``). Per record: mean over its prompts'
-    token accuracies; reported: mean over records.
+    token accuracies; reported: mean over records (returned too: each record's mean).
     """
     pairs: list[tuple[str, str]] = []
     slots: list[tuple[int, str]] = []
@@ -263,10 +307,8 @@ def zsre_metrics(
     }
     for (r, group), score in zip(slots, scores, strict=True):
         acc[group].setdefault(r, []).append(score.accuracy)
-    result: dict[str, float | int | None] = {"n_records": len(records)}
-    for group, per_record in acc.items():
-        result[group] = _mean([sum(a) / len(a) for a in per_record.values()])
-    return result
+    shares = record_shares(acc)
+    return group_means(shares, len(records)), shares
 
 
 def evaluate_records(

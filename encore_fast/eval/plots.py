@@ -3,7 +3,8 @@
 ``metrics.png`` holds one panel per series of the registered metrics (edit metrics, known
 facts, forgetting, ...) that the runs have; the metrics' own figures (norm growth per layer,
 perplexity, downstream tasks, ...) come before it (``Figure.leads``) or after it. Each run is
-one colour; runs are compared on the same axes. Uses matplotlib's Agg backend (no display
+one colour; runs are compared on the same axes, each quantity with a band where its
+evaluations' outcome rows give it an interval. Uses matplotlib's Agg backend (no display
 needed).
 """
 
@@ -59,6 +60,9 @@ def draw_figure(spec: Figure, runs: Sequence[RunData]) -> plt.Figure:
             values = series.values(run)
             if values is not None:
                 ax.plot(*values, color=f"C{c}", label=run.label, **style)
+            band = series.band(run) if values is not None else None
+            if band is not None:  # (its interval, where the outcome rows give one)
+                ax.fill_between(*band, color=f"C{c}", alpha=0.2, linewidth=0)
         ax.set_title(series.key if series.title is None else series.title)
         if series.bounded:  # rates
             ax.set_ylim(-0.03, 1.03)

@@ -9,6 +9,7 @@ without importing the runner.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from encore_fast.errors import EncoreFastError
+from encore_fast.eval.outcomes import Row, batch_file, eval_file, read_outcomes
 
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.jsonl"
@@ -93,13 +95,32 @@ def json_safe(obj: Any) -> Any:
 
 @dataclass
 class RunData:
-    """One run folder: its config, batch lines and evaluation lines."""
+    """One run folder: its config, batch lines and evaluation lines (and, where they were
+    written, the evaluations' outcome files: ``outcome_files``, by batches done)."""
 
     label: str
     path: Path
     config: dict[str, Any] = field(default_factory=dict)
     batches: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
+    outcome_files: dict[int, Path] = field(default_factory=dict)
+    _read: dict[Path, list[Row]] = field(default_factory=dict, repr=False, compare=False)
+    memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)  # (derived)
+
+    def outcomes(self, line: Mapping[str, Any]) -> list[Row] | None:
+        """The outcome rows of one of the run's evaluation lines (None: none written)."""
+        path = self.outcome_files.get(line.get("batches", -1))
+        return None if path is None else self._rows(path)
+
+    def batch_outcomes(self) -> list[list[Row]]:
+        """The immediate-efficacy rows of every batch that has them."""
+        paths = [self.path / batch_file(b["batch"]) for b in self.batches if "immediate" in b]
+        return [self._rows(p) for p in paths if p.exists() and intervals_available()]
+
+    def _rows(self, path: Path) -> list[Row]:
+        if path not in self._read:
+            self._read[path] = read_outcomes(path)[1]
+        return self._read[path]
 
     def original_norms(self) -> dict[int, float]:
         """Edited matrices' norms before any edit (the evaluation at 0 edits)."""
@@ -127,7 +148,9 @@ class RunData:
 
 def load_run(path: str | os.PathLike[str], label: str | None = None) -> RunData:
     """Read a run folder written by :func:`encore_fast.eval.run.run_sequential` (evaluations
-    of its snapshots in ``evals.jsonl`` replace those of the same point in the results)."""
+    of its snapshots in ``evals.jsonl`` replace those of the same point in the results). Its
+    outcome files are used where SciPy, which computes their intervals, is installed (without
+    it the run reads as one written before them: plain numbers)."""
     path = Path(path)
     cfg_file = path / CONFIG_FILE
     config = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.exists() else {}
@@ -135,6 +158,8 @@ def load_run(path: str | os.PathLike[str], label: str | None = None) -> RunData:
     deferred = [x for x in read_results(path / EVALS_FILE) if x.get("type") == "eval"]
     later = {x["batches"] for x in deferred}  # (a snapshot's later evaluation wins)
     evals = [x for x in lines if x.get("type") == "eval" and x["batches"] not in later]
+    files = {x["batches"]: path / eval_file(x["batches"]) for x in evals}
+    files.update({x["batches"]: path / eval_file(x["batches"], deferred=True) for x in deferred})
     evals = sorted(evals + deferred, key=lambda x: x["batches"])
     info = config.get("run_info") or {}
     label = label or info.get("label") or config.get("method") or path.name
@@ -144,7 +169,13 @@ def load_run(path: str | os.PathLike[str], label: str | None = None) -> RunData:
         config=config,
         batches=[x for x in lines if x.get("type") == "batch"],
         evals=evals,
+        outcome_files={b: p for b, p in files.items() if p.exists() and intervals_available()},
     )
+
+
+def intervals_available() -> bool:
+    """Whether SciPy (extra ``eval``), which computes the intervals, is installed."""
+    return importlib.util.find_spec("scipy") is not None
 
 
 def _int_keys(d: dict[str, float]) -> dict[int, float]:

@@ -10,7 +10,11 @@ saved as a snapshot, so that evaluations can be run later or again (:func:`evalu
 and a second process evaluates the snapshots (into ``evals.jsonl``) while it goes on.
 
 What an evaluation measures is up to the registered metrics (:mod:`encore_fast.eval.registry`,
-run by :class:`~encore_fast.eval.evaluator.Evaluator`).
+run by :class:`~encore_fast.eval.evaluator.Evaluator`); each evaluation's per-item outcomes go
+into ``outcomes/`` (:mod:`encore_fast.eval.outcomes`) before its line is appended. With
+``EvalSettings(immediate=True)`` each batch's own facts are scored right after it is edited
+(:mod:`encore_fast.eval.immediate`), and ``stop_on_collapse`` ends a run at the study's collapse
+rule (:mod:`encore_fast.eval.collapse`).
 """
 
 from __future__ import annotations
@@ -24,8 +28,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from encore_fast.eval.collapse import judged, run_collapse
 from encore_fast.eval.datasets import EvalRecord
 from encore_fast.eval.evaluator import Evaluator
+from encore_fast.eval.immediate import score_batch
+from encore_fast.eval.outcomes import batch_file, eval_file
 from encore_fast.eval.registry import registered
 from encore_fast.eval.results import (  # (CONFIG_FILE ... read_results: importable from here)
     CONFIG_FILE,
@@ -36,12 +43,14 @@ from encore_fast.eval.results import (  # (CONFIG_FILE ... read_results: importa
     append_jsonl,
     as_dict,
     json_safe,
+    load_run,
     read_results,
 )
 from encore_fast.eval.runfolder import RunFolder, evaluated_points, stream_hash
 from encore_fast.eval.settings import EvalSettings
 from encore_fast.eval.snapshots import list_snapshots, load_snapshot
 from encore_fast.models.fingerprint import model_fingerprint
+from encore_fast.provenance import stamp
 
 __all__ = ["CONFIG_FILE", "EVALS_FILE", "RESULTS_FILE", "SNAPSHOTS", "EvalSettings", "Evaluator",
            "RunConfigError", "append_jsonl", "arrange_batches", "evaluate_snapshots",
@@ -61,15 +70,20 @@ def run_sequential(
     run_info: Mapping[str, Any] | None = None,
     progress: bool = True,
     make_plots: bool = True,
+    stop_on_collapse: bool = False,
 ) -> Path:
     """Edit the first ``num_edits`` records in batches of ``batch_size``, one after another.
 
     ``editor`` is an Editor, or a zero-argument factory returning a fresh one (needed to resume
     in a new process). Evaluates before editing, after every ``eval_every`` batches
     (0: only at the end) and after the last batch. ``run_info`` (e.g. model name) is stored in
-    the config and must match on resume. Returns the path of ``results.jsonl``.
+    the config and must match on resume. ``stop_on_collapse``: after each evaluation, apply the
+    study's collapse rule to the evaluations so far, and when it holds end the run with a
+    ``"stopped"`` line (a deferred run has no evaluations to apply it to: refused). Returns the
+    path of ``results.jsonl``.
     """
     settings = settings or EvalSettings()
+    check_stop(stop_on_collapse, settings)
     n = _check_sizes(len(records), num_edits, batch_size, eval_every)
     stream, batches = _stream_batches(records[:n], batch_size)
     folder = RunFolder(out_dir)
@@ -79,17 +93,20 @@ def run_sequential(
         "method": getattr(ed, "method", None), "hparams": getattr(ed, "hparams", None),
         "num_edits": n, "batch_size": batch_size, "eval_every": eval_every,
         "stream_sha256": stream_hash(stream), "settings": settings.as_config(),
-        "run_info": dict(run_info or {}),
+        "run_info": dict(run_info or {}), "provenance": [stamp(device=_device(ed))],
     })
     lines = folder.open(config, resume)
     n_saved = folder.resume_position(ed, lines, batches)
-    evaluate = _Evaluations(ed, folder, stream, batches, settings, eval_every, lines)
+    evaluate = _Evaluations(ed, folder, stream, batches, settings, eval_every, lines,
+                            stop_on_collapse)
     bar = tqdm(total=len(batches), initial=n_saved, unit="batch", disable=not progress,
                desc=f"{config.get('method') or 'edit'} x{n}")
     try:
         _show(bar, evaluate(n_saved))
         for b in range(n_saved, len(batches)):
-            _edit_batch(ed, folder, batches, b)
+            if evaluate.stopped:
+                break
+            _edit_batch(ed, folder, batches, b, settings)
             bar.update(1)
             _show(bar, evaluate(b + 1))
     finally:
@@ -97,6 +114,19 @@ def run_sequential(
     if make_plots:
         _plot(folder.path)
     return folder.results
+
+
+def check_stop(stop_on_collapse: bool, settings: EvalSettings) -> None:
+    """Refuse ``stop_on_collapse`` for a deferred run: it has no evaluations while it runs."""
+    if stop_on_collapse and settings.defer:
+        raise RunConfigError("stop_on_collapse needs the run's own evaluations, and a deferred "
+                             "run (defer=True, --defer-eval) has none; ask for one of the two")
+
+
+def _device(ed: Any) -> Any:
+    """The device of the editor's model (where the machine's stamp looks), else the CPU."""
+    param = next(iter(getattr(ed.model, "parameters", lambda: iter(()))()), None)
+    return param.device if param is not None else "cpu"
 
 
 def _check_sizes(n_records: int, num_edits: int | None, batch_size: int, eval_every: int) -> int:
@@ -132,8 +162,9 @@ def _stream_batches(records: Sequence[EvalRecord], batch_size: int) -> tuple[
 
 
 def _edit_batch(ed: Any, folder: RunFolder, batches: Sequence[Sequence[EvalRecord]],
-                b: int) -> None:
-    """Apply batch ``b``, then save the state with its results line and append the line."""
+                b: int, settings: EvalSettings) -> None:
+    """Apply batch ``b`` (and score its own facts, when ``settings.immediate``, outside its
+    time), then save the state with its results line and append the line."""
     start = time.perf_counter()
     requests = [rec.request for rec in batches[b]]
     reports = ed.edit(requests, batch_size=len(requests), progress=False)
@@ -142,21 +173,38 @@ def _edit_batch(ed: Any, folder: RunFolder, batches: Sequence[Sequence[EvalRecor
     line["wall_seconds"] = time.perf_counter() - start
     for report in reports:
         line.update({k: v for k, v in as_dict(report).items() if k not in line})
+    if settings.immediate:
+        line["immediate"] = _immediate(ed, folder, batches, b, settings)
     folder.record_batch(ed, b + 1, line)
+
+
+def _immediate(ed: Any, folder: RunFolder, batches: Sequence[Sequence[EvalRecord]], b: int,
+               settings: EvalSettings) -> dict[str, Any]:
+    """Batch ``b``'s own facts scored now: the line's part (with the ``seconds`` it took); the
+    rows into its outcome file."""
+    start = time.perf_counter()
+    first = sum(len(x) for x in batches[:b])
+    records = batches[b]
+    part, rows = score_batch(ed.model, ed.tokenizer, records,
+                             range(first, first + len(records)), settings)
+    folder.write_outcomes(batch_file(b), rows, {"batch": b, "edits_done": first + len(records)})
+    return {**part, "seconds": time.perf_counter() - start}
 
 
 class _Evaluations:
     """At each evaluation point of a run: the weight snapshot, then (unless deferred) the
-    evaluation, appended to the results once."""
+    evaluation, appended to the results once; with ``stop``, the collapse rule after it."""
 
     def __init__(self, ed: Any, folder: RunFolder, stream: Sequence[EvalRecord],
                  batches: Sequence[Sequence[EvalRecord]], settings: EvalSettings,
-                 eval_every: int, lines: Sequence[Mapping[str, Any]]) -> None:
+                 eval_every: int, lines: Sequence[Mapping[str, Any]], stop: bool) -> None:
         self.ed, self.folder, self.batches, self.every = ed, folder, batches, eval_every
         self.evaluator = None if settings.defer else Evaluator(ed.tokenizer, stream, settings)
         if self.evaluator is not None:
             self.evaluator.restore(lines)
         self.done = evaluated_points(lines)
+        self.watch = load_run(folder.path) if stop else None  # (the evaluations so far)
+        self.stopped = any(line.get("type") == "stopped" for line in lines)
 
     def __call__(self, done: int) -> dict[str, Any] | None:
         n = len(self.batches)
@@ -165,21 +213,53 @@ class _Evaluations:
         edits_done = sum(len(b) for b in self.batches[:done])
         self.folder.snapshot(self.ed, done, edits_done)
         if self.evaluator is None or done in self.done:
+            self._check(edits_done)
             return None
         line = _eval_line(self.evaluator, self.ed.model, done, edits_done,
-                          self.ed.weight_norms, time.perf_counter())
+                          self.ed.weight_norms, time.perf_counter(),
+                          _writer(self.folder, done, deferred=False))
         self.folder.append(line)
         self.done.add(done)
+        if self.watch is not None:
+            self.watch.evals.append(json_safe(line))
+            self.watch.outcome_files[done] = self.folder.path / eval_file(done)
+        self._check(edits_done)
         return line
+
+    def _check(self, edits_done: int) -> None:
+        """With ``stop``: end the run when the evaluations so far meet the collapse rule (a
+        ``"stopped"`` line says where and why, once)."""
+        if self.watch is None or self.stopped or not judged(self.watch):
+            return
+        found = run_collapse(self.watch)
+        if found is not None:
+            self.folder.append({"type": "stopped", "reason": "collapse",
+                                "edits_done": edits_done, "collapsed_at": found.edits,
+                                "criteria": found.reasons})
+            self.stopped = True
+
+
+def _writer(folder: RunFolder, batches: int, deferred: bool) -> Callable[..., Any]:
+    """Writes an evaluation's outcome rows into its file of ``folder``."""
+
+    def write(line: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> None:
+        folder.write_outcomes(eval_file(batches, deferred), rows,
+                              {"batches": batches, "edits_done": line["edits_done"],
+                               "deferred": deferred})
+
+    return write
 
 
 def _eval_line(evaluator: Evaluator, model: Any, batches: int, edits_done: int,
-               weight_norms: Callable[[], Any], start: float) -> dict[str, Any]:
+               weight_norms: Callable[[], Any], start: float,
+               write: Callable[..., Any]) -> dict[str, Any]:
     """An evaluation line: the position, the metrics' parts, the edited matrices' norms (as
-    the run recorded them) and the seconds it took since ``start``."""
+    the run recorded them) and the seconds it took since ``start`` (its outcome rows written
+    by ``write`` included)."""
     line = {"type": "eval", "batches": batches, "edits_done": edits_done}
     line.update(evaluator(model, edits_done))
     line["weight_norms"] = weight_norms()
+    write(line, evaluator.outcomes)
     line["seconds"] = time.perf_counter() - start
     return line
 
@@ -200,7 +280,8 @@ def evaluate_snapshots(
     ``model`` is a fresh copy of the run's original model (same dtype): each snapshot's weights
     are put into it in turn. ``records`` is the run's stream (checked against its hash).
     Resumable: finished evaluations are kept, a torn last line dropped. ``follow``: keep
-    waiting for new snapshots while the run goes on, until the last batch's one is done.
+    waiting for new snapshots while the run goes on, until the last batch's one is done. Each
+    evaluation's outcome rows go into ``outcomes/snapshot-NNNNN.jsonl.gz``.
     """
     folder = RunFolder(run_dir)
     config = folder.config()
@@ -219,7 +300,8 @@ def evaluate_snapshots(
                 start = time.perf_counter()
                 info = load_snapshot(model, path, fingerprint)
                 line = _eval_line(evaluator, model, b, info["edits_done"],
-                                  lambda info=info: info.get("weight_norms"), start)
+                                  lambda info=info: info.get("weight_norms"), start,
+                                  _writer(folder, b, deferred=True))
                 append_jsonl(evals, line)
                 done.add(b)
                 bar.update(1)

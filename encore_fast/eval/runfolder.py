@@ -1,7 +1,9 @@
 """A sequential run's folder on disk: config, results lines, saved edits, snapshots.
 
 * ``config.json`` -- what the run is (method, hyper-parameters, edit stream, settings);
-  a resumed run must match it exactly.
+  a resumed run must match it exactly, but for ``provenance``: one stamp per session that ran it
+  (:func:`encore_fast.provenance.stamp`: command, commit, versions, machine, date), appended
+  when a session resumes it.
 * ``results.jsonl`` -- one JSON line per finished batch (``"type": "batch"``: the editor's
   BatchReport: time, steps, norms) and per evaluation (``"type": "eval"``: the metrics' parts,
   the norms). Lines are appended with flush + fsync; a torn last line is dropped on resume.
@@ -10,6 +12,8 @@
   removed): one compact state, the same size after 10 batches as after 100.
 * ``snapshots/weights-NNNNN.safetensors`` -- the edited layers' weights at every evaluation
   point, evaluated later or again into ``evals.jsonl``.
+* ``outcomes/*.jsonl.gz`` -- the per-item outcomes of each evaluation and batch
+  (:mod:`encore_fast.eval.outcomes`), written before the line they belong to.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from encore_fast.eval.datasets import EvalRecord
+from encore_fast.eval.outcomes import write_outcomes
 from encore_fast.eval.results import (
     CONFIG_FILE,
     RESULTS_FILE,
@@ -35,6 +40,7 @@ from encore_fast.eval.snapshots import save_snapshot
 from encore_fast.io import atomic_write_text
 
 _EDITS = re.compile(r"^edits-(\d{5,})\.safetensors$")
+UNCOMPARED = ("provenance",)  # config keys a resume does not compare (it appends to them)
 
 
 def stream_hash(stream: Sequence[EvalRecord]) -> str:
@@ -69,10 +75,14 @@ class RunFolder:
             return []
         self.refuse_reuse(resume)
         old = self.config()
-        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        diff = sorted(k for k in set(old) | set(config)
+                      if k not in UNCOMPARED and old.get(k) != config.get(k))
         if diff:
             details = "; ".join(f"{k}: was {old.get(k)!r}, now {config.get(k)!r}" for k in diff)
             raise RunConfigError(f"cannot resume {self.path}: the run config differs ({details})")
+        if config.get("provenance"):  # this session's stamp, after those of earlier ones
+            old["provenance"] = [*(old.get("provenance") or []), *config["provenance"]]
+            atomic_write_text(cfg_path, json.dumps(old, indent=2, sort_keys=True))
         return read_results(self.results, repair=True)
 
     def config(self) -> dict[str, Any]:
@@ -123,6 +133,11 @@ class RunFolder:
     def append(self, line: Mapping[str, Any]) -> None:
         """Append an evaluation line to the results."""
         append_jsonl(self.results, line)
+
+    def write_outcomes(self, name: str, rows: Sequence[Mapping[str, Any]],
+                       header: Mapping[str, Any]) -> Path:
+        """Write an outcome file (``name`` relative to the folder), atomically."""
+        return write_outcomes(self.path / name, rows, header)
 
     def _edits_files(self) -> dict[int, Path]:
         found = {}

@@ -6,7 +6,15 @@ settings turn it on, how it prepares its data once per run, what it writes into 
 line after N edits, how it takes its baseline back from an earlier session's lines, and what
 it shows: its summary columns, its panels in ``metrics.png`` and any figures of its own. The
 evaluator, the run folder, the CLI, the report and the plots ask the registered metrics and name
-none of them. Every hook has a do-nothing default::
+none of them.
+
+Beside its aggregates a metric may return the items they were computed from, as a list of rows
+under the reserved key :data:`OUTCOME_ROWS` of its part (each row a JSON object: what it is
+about and its values, e.g. ``{"record": 12, "case_id": 345, "es": 1.0}``). The evaluator takes
+them out of the line, names the metric in each row, and the run folder writes them into the
+evaluation's outcome file (:mod:`encore_fast.eval.outcomes`). A series with an ``interval``
+(computed from those rows) gets an interval in the summary table and a band in the plots.
+Every hook has a do-nothing default::
 
     class MeanLogit(Metric):
         name = "mean_logit"
@@ -25,15 +33,21 @@ none of them. Every hook has a do-nothing default::
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from encore_fast.eval.datasets import DatasetError, EvalRecord, default_data_dir
+from encore_fast.eval.intervals import Estimate
 from encore_fast.eval.results import RunData
 from encore_fast.eval.settings import EvalSettings
 
 Values = tuple[list[float], list[float]]  # (edits done, values) of one run
+Band = tuple[list[float], list[float], list[float]]  # (edits done, lows, highs) of one run
+# A quantity's interval at one evaluation line of a run (None: none there).
+Interval = Callable[[RunData, Mapping[str, Any]], Estimate | None]
+OUTCOME_ROWS = "outcomes"  # the key of a metric's part that holds its per-item rows
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,7 @@ class Series:
     title: str | None = None  # the panel's title (default: the key)
     bounded: bool = True  # a rate: drawn on [0, 1]
     read: Callable[[RunData], Values | None] | None = None  # other data (None: not drawn)
+    interval: Interval | None = None  # its interval at a line, from the outcome rows
 
     def values(self, run: RunData) -> Values | None:
         """(edits, values) of the run; the evaluations that lack the quantity are skipped."""
@@ -80,6 +95,23 @@ class Series:
                 x.append(line["edits_done"])
                 y.append(float(value))
         return x, y
+
+    def estimate(self, run: RunData, line: Mapping[str, Any]) -> Estimate | None:
+        """Its interval at ``line`` (None without an ``interval``, or outcome rows)."""
+        return self.interval(run, line) if self.interval is not None else None
+
+    def band(self, run: RunData) -> Band | None:
+        """(edits, lows, highs) at the evaluations where it has an interval (None: nowhere)."""
+        x: list[float] = []
+        low: list[float] = []
+        high: list[float] = []
+        for line in run.evals if self.interval is not None else ():
+            est = self.estimate(run, line)
+            if est is not None:
+                x.append(line["edits_done"])
+                low.append(est.low)
+                high.append(est.high)
+        return (x, low, high) if x else None
 
 
 @dataclass(frozen=True)
@@ -107,6 +139,7 @@ class EvalPoint:
     records: list[EvalRecord]  # the sampled records edited so far (before any edit: all)
     stream: Sequence[EvalRecord]  # the whole edit stream, in edit order
     settings: EvalSettings
+    indices: list[int] = field(default_factory=list)  # records' positions in the stream
 
 
 class Metric:
@@ -142,14 +175,15 @@ class Metric:
 
     def evaluate(self, point: EvalPoint, data: Any) -> Mapping[str, Any]:
         """Its part of the evaluation line (a mapping under an existing key, e.g.
-        ``"metrics"``, is merged into it)."""
+        ``"metrics"``, is merged into it; its per-item rows under :data:`OUTCOME_ROWS`)."""
         return {}
 
     def summary(self, run: RunData) -> dict[str, Any]:
         """Its columns in a run's summary: by default the last evaluation's value of each of
-        its series that the run has."""
+        its series that the run has (with its interval, where the outcome rows give one)."""
         last = run.evals[-1] if run.evals else {}
-        return {s.key: v for s in self.series if (v := line_value(last, s.key)) is not None}
+        return {s.key: measured(run, last, s, v) for s in self.series
+                if (v := line_value(last, s.key)) is not None}
 
     def progress(self, line: Mapping[str, Any]) -> dict[str, float]:
         """What the progress bar shows of an evaluation line: by default its series' values
@@ -157,6 +191,22 @@ class Metric:
         metrics = line.get("metrics") or {}
         return {s.key: metrics[s.key] for s in self.series
                 if isinstance(metrics.get(s.key), float)}
+
+
+def measured(run: RunData, line: Mapping[str, Any], series: Series, value: Any) -> Any:
+    """``value`` (the series' at ``line``) as a summary cell: with its interval when the
+    outcome rows give one (an :class:`~encore_fast.eval.intervals.Measure`, a float equal to
+    the value), else as it is."""
+    est = series.estimate(run, line) if isinstance(value, int | float) else None
+    return cell(est, value)
+
+
+def cell(est: Estimate | None, value: Any) -> Any:
+    """``value`` as a summary cell: with ``est``'s interval when there is one (a
+    :class:`~encore_fast.eval.intervals.Measure`, a float equal to ``value``)."""
+    if est is None or not isinstance(value, int | float):
+        return value
+    return dataclasses.replace(est, value=float(value)).number()
 
 
 def line_value(line: Mapping[str, Any], key: str) -> Any:
