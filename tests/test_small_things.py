@@ -69,3 +69,31 @@ def test_a_killed_saves_temporary_file_is_cleared_by_the_next_save(tmp_path):
     assert target.read_text() == "{}"
     assert not stale.exists() and live.exists() and other.exists()
     assert clear_stale_temporaries(tmp_path / "other.json") == [other]
+
+
+def test_eval_says_when_the_stream_is_shorter_than_num_edits(tmp_path, monkeypatch, capsys):
+    import argparse
+    import json
+
+    from encore_fast.eval import cli as eval_cli
+    from encore_fast.eval.testing import FakeEditor
+
+    data = tmp_path / "six.json"
+    data.write_text(json.dumps([
+        {"case_id": i, "prompt": f"x{i} lives in", "subject": f"x{i}", "target_new": "y",
+         "ground_truth": "z", "rephrase_prompt": f"where x{i} lives",
+         "locality_prompt": "x lives in", "locality_ground_truth": "z"} for i in range(6)]))
+    monkeypatch.setattr(eval_cli, "editor_factory", lambda args, method, overrides: FakeEditor)
+    parser = argparse.ArgumentParser()
+    eval_cli.add_eval_arguments(parser)
+
+    def run(n):
+        out = tmp_path / f"r{n}"
+        args = parser.parse_args(["--dataset", str(data), "--num-edits", str(n), "--batch-size",
+                                  "3", "--wikitext", "none", "--known-facts", "none", "--out",
+                                  str(out), "--quiet", "--no-plots"])
+        assert eval_cli.run_eval(args) == 0
+        return capsys.readouterr().err
+
+    assert "--num-edits 1000, but" in run(1000) and "editing 6" in run(1000 + 1)
+    assert "--num-edits" not in run(6)

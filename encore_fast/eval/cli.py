@@ -269,6 +269,9 @@ def run_eval(args: argparse.Namespace) -> int:
         if out.exists() and not out.is_dir():
             raise RunConfigError(f"--out {out}: a file, not a run folder")
         records = records_from_args(args)
+        if len(records) < args.num_edits:
+            print(f"encore-fast eval: --num-edits {args.num_edits}, but {args.dataset} has "
+                  f"{len(records)} usable record(s): editing {len(records)}", file=sys.stderr)
         stream, _ = arrange_batches(records[: args.num_edits], args.batch_size)
         validate_requests([rec.request for rec in stream], None, batch_size=args.batch_size)
         settings = settings_from_args(args)
