@@ -1,4 +1,4 @@
-"""The encore-fast console command: demo, edit, eval and eval-snapshots."""
+"""The encore-fast console command: demo, edit, eval, eval-snapshots and data."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from encore_fast.cli_common import (
     positive_int,
 )
 from encore_fast.config import parse_overrides
+from encore_fast.data import REGISTRY, locate, select, where
 from encore_fast.distributed import init_from_env
 from encore_fast.editor import Editor
 from encore_fast.errors import ConfigError
@@ -38,8 +39,8 @@ from encore_fast.models.loading import pad_id
 from encore_fast.requests import EditRequest, read_requests_file, validate_requests
 
 __all__ = ["USER_ERRORS", "build_parser", "check_corpus", "check_model", "check_out_after_edits",
-           "check_out_file", "check_settings", "cmd_demo", "cmd_edit", "complete", "error_line",
-           "main", "non_negative_int", "positive_int"]
+           "check_out_file", "check_settings", "cmd_data", "cmd_demo", "cmd_edit", "complete",
+           "error_line", "main", "non_negative_int", "positive_int"]
 
 DEMO_EDITS = [
     EditRequest("The capital of {} is", "France", "Rome", ground_truth="Paris", case_id="demo-0"),
@@ -145,6 +146,73 @@ def check_out_after_edits(path: str, overwrite: bool, group: Any) -> None:
     group.agree(error, f"checking --out {path}")
 
 
+def _size(n: int | None) -> str:
+    """A byte count for people (``45.1 MB``); ``?`` when it is not known."""
+    if n is None:
+        return "?"
+    if n < 1000:
+        return f"{n} B"
+    return f"{n / 1e3:.1f} kB" if n < 1_000_000 else f"{n / 1e6:.1f} MB"
+
+
+def _data_table(data_dir: str | None) -> list[str]:
+    """``data list``'s lines: name, size, licence, and where its copy is."""
+    width = max(len(name) for name in REGISTRY)
+    lines = [f"{'name':<{width}} {'size':>9}  {'licence':<32} where"]
+    for entry in REGISTRY.values():
+        state, path = where(entry, data_dir)
+        here = f"{state}: {path}" if path is not None else "not here"
+        lines.append(f"{entry.name:<{width}} {_size(entry.local_size):>9}  "
+                     f"{entry.licence:<32} {here}")
+    return lines
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """``data list``: every data set (size, licence, local/cached copy); ``data fetch NAME``:
+    download and check it once (or say where its local copy is); ``data path NAME``: print
+    its local path, or fail with one line saying how to get it."""
+    if args.data_command == "list":
+        print("\n".join(_data_table(args.data_dir)))
+        return 0
+    if args.data_command == "path":
+        print(locate(args.name, download=False, data_dir=args.data_dir))
+        return 0
+    for name in args.names:
+        select(name)  # (an unknown name is refused before anything is downloaded)
+    for name in args.names:
+        path = locate(name, data_dir=args.data_dir)
+        cached = all(where(e, args.data_dir)[0] == "cache" for e in select(name)[1])
+        print(f"{name}: {path} ({'download cache' if cached else 'local copy'})")
+    return 0
+
+
+def _data_parser(sub: Any) -> None:
+    """``encore-fast data list|fetch NAME...|path NAME``."""
+    text = "list, download (fetch) or find (path) the data sets"
+    data = sub.add_parser("data", help=text, description=(
+        f"{text}: a data folder's copy is used first ($ENCORE_FAST_DATA, or the data folder "
+        "beside the checkout), else one downloaded once into the cache ($ENCORE_FAST_CACHE/data) "
+        "and checked against its recorded SHA-256"))
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="{list,fetch,path}",
+                                   help="what to do with the data sets")
+    commands = {
+        "list": "every data set: size, licence, and where its copy is",
+        "fetch": "download data sets into the cache, checked (once; a local copy is used)",
+        "path": "print a data set's local path (fails when it is not here)",
+    }
+    for command, about in commands.items():
+        cmd = data_sub.add_parser(command, help=about, description=about)
+        if command == "fetch":
+            cmd.add_argument("names", nargs="+", metavar="NAME",
+                             help="a name from `data list`, or a folder such as downstream")
+        elif command == "path":
+            cmd.add_argument("name", metavar="NAME", help="a name from `data list`")
+        cmd.add_argument("--data-dir", default=None,
+                         help="a data folder to look in first (then $ENCORE_FAST_DATA, "
+                              "the data folder beside the checkout, the download cache)")
+    data.set_defaults(func=cmd_data)
+
+
 def _model_args(parser: argparse.ArgumentParser) -> None:
     """The model options (shared with ``eval``) and ``--method``."""
     add_model_options(parser)
@@ -153,7 +221,7 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``encore-fast`` parser: ``demo``, ``edit``, ``eval`` and ``eval-snapshots``."""
+    """The ``encore-fast`` parser: ``demo``, ``edit``, ``eval``, ``eval-snapshots``, ``data``."""
     parser = argparse.ArgumentParser(prog="encore-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -181,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     snaps = sub.add_parser("eval-snapshots", help="evaluate the weight snapshots of a run")
     add_snapshot_arguments(snaps)
     snaps.set_defaults(func=run_eval_snapshots)
+    _data_parser(sub)
     return parser
 
 

@@ -28,8 +28,9 @@ from encore_fast.io import atomic_save, tensors_digest
 from encore_fast.kernels import covariance_update_, mirror_upper_
 from encore_fast.models.arch import ModelView
 from encore_fast.models.hooks import capture_mlp_inputs, run_until
-from encore_fast.models.loading import cache_dir, pad_id
+from encore_fast.models.loading import pad_id
 from encore_fast.models.placement import input_device
+from encore_fast.paths import cache_dir
 from encore_fast.requests import encode
 
 

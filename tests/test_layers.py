@@ -27,7 +27,7 @@ MAX_LINES = 60
 # ending in ".*" is a package and all its modules; an exact name wins over a package pattern.
 # Layer 7 is ordered inside: cli_common < eval.cli < cli < __main__.
 LAYERS: dict[str, float] = {
-    "encore_fast.errors": 0, "encore_fast.io": 0, "encore_fast.paths": 0,
+    "encore_fast.errors": 0, "encore_fast.io": 0, "encore_fast.paths": 0, "encore_fast.data": 0,
     "encore_fast.machine": 0, "encore_fast.provenance": 0, "encore_fast.models.dtypes": 0,
     "encore_fast.models.*": 1,
     "encore_fast.config": 2, "encore_fast.requests": 2, "encore_fast.distributed": 2,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from encore_fast.data import REGISTRY, DataError, locate
 from encore_fast.errors import EncoreFastError
 from encore_fast.paths import default_data_dir as default_data_dir
 from encore_fast.requests import EditRequest, validate_requests
@@ -25,11 +26,9 @@ from encore_fast.requests import EditRequest, validate_requests
 Layout = Literal["auto", "counterfact-rome", "counterfact-easyedit", "zsre"]
 LAYOUTS = ("counterfact-rome", "counterfact-easyedit", "zsre")
 
-# Public copies of the data sets as ROME/MEMIT publish them (need network access).
-PUBLIC_URLS = {
-    "counterfact": "https://rome.baulab.info/data/dsets/counterfact.json",
-    "zsre": "https://rome.baulab.info/data/dsets/zsre_mend_eval.json",
-}
+# Where the first two names load_dataset knew are downloaded from; every name, with its
+# checksum and licence, is in encore_fast.data.REGISTRY (``encore-fast data list``).
+PUBLIC_URLS = {name: REGISTRY[name].url for name in ("counterfact", "zsre")}
 
 
 class DatasetError(EncoreFastError, ValueError):
@@ -61,9 +60,11 @@ def load_dataset(
     limit: int | None = None,
     timeout: float = 30.0,
 ) -> list[EvalRecord]:
-    """Load records from a ``.json`` list, a ``.jsonl`` file, an http(s) URL, or a name in
-    :data:`PUBLIC_URLS`. ``layout="auto"`` detects the layout from the records' keys;
-    ``limit`` keeps the first records of the file (before validation)."""
+    """Load records from a ``.json`` list, a ``.jsonl`` file, an http(s) URL, or a data set's
+    name in ``encore_fast.data.REGISTRY`` (``"counterfact"``, ``"counterfact-edit"``,
+    ``"zsre"``, ...: a local copy, else the cached one, else downloaded and checked once).
+    ``layout="auto"`` detects the layout from the records' keys; ``limit`` keeps the first
+    records of the file (before validation)."""
     if on_error not in ("raise", "warn"):
         raise ValueError(f"on_error must be 'raise' or 'warn', not {on_error!r}")
     text, name = _read_source(source, timeout)
@@ -130,8 +131,11 @@ def detect_layout(raw: Sequence[Any], source: str = "data") -> str:
 
 def _read_source(source: str | os.PathLike[str], timeout: float) -> tuple[str, str]:
     src = os.fspath(source)
-    if src in PUBLIC_URLS:
-        src = PUBLIC_URLS[src]
+    if src in REGISTRY:
+        try:
+            src = os.fspath(locate(src, timeout=timeout))
+        except DataError as exc:
+            raise DatasetError(str(exc)) from None
     if src.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(src, timeout=timeout) as resp:

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from encore_fast.paths import cache_dir as cache_dir
+
 BUNDLED_NAMES = {"smollm2-135m", "smollm2", "bundled"}
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -28,12 +30,6 @@ def pad_id(tokenizer: Any) -> int:
         if value is not None:
             return int(value)
     return 0
-
-
-def cache_dir() -> Path:
-    """Root of encore_fast's caches: ``$ENCORE_FAST_CACHE`` or ``~/.cache/encore_fast``."""
-    root = os.environ.get("ENCORE_FAST_CACHE") or Path.home() / ".cache" / "encore_fast"
-    return Path(root)
 
 
 def bundled_model_dir() -> Path:
