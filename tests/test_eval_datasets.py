@@ -143,6 +143,7 @@ def test_broken_json_lines_name_the_line(tmp_path):
 
 
 def test_missing_file_and_offline_url(tmp_path, monkeypatch):
+    monkeypatch.setenv("ENCORE_FAST_CACHE", str(tmp_path / "cache"))  # (no cached copy helps)
     with pytest.raises(DatasetError, match="no data set file"):
         load_dataset(tmp_path / "nope.json")
 

@@ -38,7 +38,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from encore_fast.eval.datasets import DatasetError, EvalRecord, default_data_dir
+from encore_fast.data import DataError, locate
+from encore_fast.eval.datasets import DatasetError, EvalRecord
 from encore_fast.eval.intervals import Estimate
 from encore_fast.eval.results import RunData
 from encore_fast.eval.settings import EvalSettings
@@ -230,15 +231,13 @@ def first_value(lines: Sequence[Mapping[str, Any]], key: str) -> Any:
 
 
 def data_file(value: str, default: str, what: str) -> str | None:
-    """A path from an option: ``none`` -> None, ``auto`` -> the shared data folder's file."""
+    """A path from an option: ``none`` -> None, ``auto`` -> the standard file ``default`` (a
+    data folder's copy, else the download cache, else downloaded once: ``encore_fast.data``)."""
     if value.lower() == "none":
         return None
     if value != "auto":
         return value
-    base = default_data_dir()
-    if base is None or not (base / default).exists():
-        raise DatasetError(
-            f"no {what} given and no shared data folder found; pass a path, or set "
-            "ENCORE_FAST_DATA to the data folder"
-        )
-    return str(base / default)
+    try:
+        return str(locate(default))
+    except DataError as exc:
+        raise DatasetError(f"no {what} given: {exc}") from None
