@@ -8,19 +8,32 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import DATA_SKIP, find_data_dir, need_data
 
 from encore_fast.models import bundled_model_dir, load_model
-from encore_fast.paths import default_data_dir
 
 TINY = dict(hidden=64, inter=96, layers=6, heads=4)
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    d = default_data_dir()
+    d = find_data_dir()
     if d is None:
-        pytest.skip("no ../shared/data folder")
+        need_data("the CounterFact splits, WikiText-2, known facts and zsRE")
     return d
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Say how many tests were skipped for want of data, and how to get it."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", [])
+               if DATA_SKIP in str(getattr(r, "longrepr", ""))]
+    if skipped:
+        names = " ".join(n for n in ("counterfact-edit", "counterfact-train", "wikitext-2-valid",
+                                     "known_1000", "zsre-train-1k", "downstream-sst2"))
+        terminalreporter.write_line(
+            f"data: {len(skipped)} test(s) skipped for want of the data sets; get them with "
+            f"'encore-fast data fetch NAME' ({names}; 'encore-fast data list' names all), or "
+            "point ENCORE_FAST_DATA at a copy", yellow=True)
 
 
 @pytest.fixture(scope="session")

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import pytest
+
 from encore_fast.editor import Editor
+from encore_fast.paths import data_folders
 from encore_fast.requests import EditRequest
 
 FAST = dict(layers=[2, 3], v_num_grad_steps=4, stats_samples=16, stats_max_length=32,
@@ -38,3 +42,26 @@ def small_editor(model: Any, tokenizer: Any, corpus: Any, method: str = "encore"
     """An editor with :data:`FAST` settings (overridable), no cache, no progress bars."""
     return Editor(model, tokenizer, method, preset=None, corpus=corpus, stats_cache=False,
                   progress=False, **{**FAST, **over})
+
+
+DATA_SKIP = "needs the data sets"  # (the reason's start: the terminal summary counts these)
+NEEDED = ("counterfact/counterfact-train.json", "counterfact/counterfact-edit.json",
+          "wikitext-2/valid.txt", "known_1000.json", "zsre/zsre_mend_train-1k.json")
+
+
+def need_data(what: str) -> None:
+    """Skip (or, with ENCORE_FAST_REQUIRE_DATA=1, fail) a test that needs data not here."""
+    message = (f"{DATA_SKIP}: {what} not found ($ENCORE_FAST_DATA, a data folder beside the "
+               "checkout, or the download cache)")
+    if os.environ.get("ENCORE_FAST_REQUIRE_DATA") == "1":
+        pytest.fail(message + "; ENCORE_FAST_REQUIRE_DATA=1 forbids skipping", pytrace=False)
+    pytest.skip(message)
+
+
+def find_data_dir() -> Path | None:
+    """The first data folder (see ``encore_fast.paths.data_folders``) with the files the
+    tests read."""
+    for folder in data_folders():
+        if all((folder / rel).exists() for rel in NEEDED):
+            return folder
+    return None

@@ -7,6 +7,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from helpers import need_data
 
 from encore_fast.eval.datasets import (
     DatasetError,
@@ -170,7 +171,7 @@ def test_limit_keeps_the_first_records(tmp_path):
 def test_shared_data_loads():
     base = default_data_dir()
     if base is None or not (base / "zsre").exists():
-        pytest.skip("shared data folder not available")
+        need_data("zsre")
     cf = load_dataset(base / "counterfact" / "counterfact-edit.json")
     assert len(cf) == 10_000
     assert all(r.kind == "counterfact" and r.neighborhood_prompts for r in cf[:100])

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+from helpers import need_data
 
 from encore_fast.eval.datasets import DatasetError, default_data_dir
 from encore_fast.eval.degradation import (
@@ -91,6 +92,6 @@ def test_norm_growth():
 def test_shared_known_facts_load():
     base = default_data_dir()
     if base is None or not (base / "known_1000.json").exists():
-        pytest.skip("shared data folder not available")
+        need_data("known_1000.json")
     facts = load_known_facts(base / "known_1000.json", n=50)
     assert len(facts) == 50 and facts[0].attribute == "Antarctica"
