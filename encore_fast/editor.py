@@ -1,12 +1,9 @@
 """The :class:`Editor`: sequential batches of fact edits, with undo, reset, save and load.
 
-Data flows one way (docs/ARCHITECTURE.md): requests -> validation -> values ``z`` and keys ``K``
-(model work, ``values/``) -> update rule (linear algebra, ``methods/``) -> weights (``kernels``).
-The editor runs that pipeline and owns the sequential state (per layer ``S`` and solver; the edited
-matrices: ``matrices``); it delegates what differs between the engines (``engines``), the batches
-undo, save and load replay (``history``), the ranks of a process group (``sharing``), ``C0``
-(``layer_states``), the context templates (``contexts``) and the checks and report of a batch
-(``batch_report``), each a module of ``encore_fast``."""
+It runs the pipeline requests -> values ``z`` and keys ``K`` (``values/``) -> update rule
+(``methods/``) -> weights (``kernels``) and owns the sequential state; what differs between the
+engines, the history, the ranks, ``C0``, the contexts and a batch's checks have their own modules
+(``engines``, ``history``, ``sharing``, ``layer_states``, ``contexts``, ``batch_report``)."""
 
 from __future__ import annotations
 

@@ -492,3 +492,13 @@ def test_checker_reports_private_reaches(tmp_path):
     (tmp_path / "pkg" / "b.py").write_text("_hidden = shown = 1\n")
     found = private_reaches(find_modules({"pkg": tmp_path / "pkg"}))
     assert found == ["pkg.a line 1: imports _hidden from pkg.b", "pkg.a line 4: ed._history"]
+
+
+def test_the_editor_reads_in_one_sitting_and_tests_no_engine_name():
+    editor = (ROOT / "encore_fast" / "editor.py").read_text(encoding="utf-8")
+    assert len(editor.splitlines()) < 450
+    engine_tests = [f"{p.relative_to(ROOT)}:{i}" for p in (ROOT / "encore_fast").rglob("*.py")
+                    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+                    if re.search(r"engine\s*[!=]=", line)]
+    assert not engine_tests, "the engine is an object chosen once, not a name tested: " + \
+        ", ".join(engine_tests)
