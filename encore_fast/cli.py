@@ -23,7 +23,7 @@ from encore_fast.cli_common import (
     positive_int,
 )
 from encore_fast.config import parse_overrides
-from encore_fast.data import REGISTRY, locate, select, where
+from encore_fast.data import REGISTRY, DataError, locate, select, where
 from encore_fast.distributed import init_from_env
 from encore_fast.editor import Editor
 from encore_fast.errors import ConfigError
@@ -70,6 +70,16 @@ def complete(model: torch.nn.Module, tokenizer: Any, prompt: str, n_tokens: int 
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def demo_corpus() -> str | None:
+    """WikiText-2 for the demo's C0: a local copy, else downloaded once (1.1 MB); offline,
+    None (the editor then samples text from the model, and warns)."""
+    try:
+        return str(locate("wikitext-2-valid", progress=False, timeout=10.0))
+    except DataError as exc:
+        print(f"(no WikiText-2: {exc})", file=sys.stderr)
+        return None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Edit a handful of facts in the bundled model and show predictions before and after."""
     overrides = parse_overrides(args.overrides)
@@ -77,7 +87,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     check_model(args.model)
     print(f"Loading {args.model or 'the bundled SmolLM2-135M-Instruct'} ...", flush=True)
     editor = Editor.from_pretrained(args.model, args.method, engine=args.engine,
-                                    dtype=DTYPES[args.dtype], **overrides)
+                                    dtype=DTYPES[args.dtype], corpus=demo_corpus(), **overrides)
     model, tok = editor.model, editor.tokenizer
     rows = [(f"edit -> {r.target_new}", r.text) for r in DEMO_EDITS] + DEMO_CHECKS
     before = [complete(model, tok, p) for _, p in rows]

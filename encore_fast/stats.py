@@ -450,7 +450,8 @@ def sample_corpus(model: torch.nn.Module, tokenizer: Any, n: int = 64, length: i
     """Texts sampled from the model itself: the fallback corpus for ``C0`` when no text is
     available offline (a warning says so; real text is better)."""
     warnings.warn("no corpus given and no WikiText-2 found: estimating C0 from text sampled "
-                  "from the model (pass corpus=... for real text)", stacklevel=3)
+                  "from the model; for real text run 'encore-fast data fetch wikitext-2-valid' "
+                  "(used from then on) or pass corpus=...", stacklevel=3)
     torch.manual_seed(seed)
     device = input_device(model)
     starts = ["The", "In", "A", "It", "He", "She", "This", "When"]

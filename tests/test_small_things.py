@@ -97,3 +97,18 @@ def test_eval_says_when_the_stream_is_shorter_than_num_edits(tmp_path, monkeypat
 
     assert "--num-edits 1000, but" in run(1000) and "editing 6" in run(1000 + 1)
     assert "--num-edits" not in run(6)
+
+
+def test_the_demo_takes_wikitext_from_the_data_and_goes_on_without_it(monkeypatch, capsys):
+    from encore_fast import cli
+    from encore_fast.data import DataError
+
+    monkeypatch.setattr(cli, "locate", lambda name, **kw: f"/data/{name}")
+    assert cli.demo_corpus() == "/data/wikitext-2-valid"
+
+    def offline(name, **kw):
+        raise DataError("cannot download wikitext-2/valid.txt (offline)")
+
+    monkeypatch.setattr(cli, "locate", offline)
+    assert cli.demo_corpus() is None
+    assert "no WikiText-2: cannot download" in capsys.readouterr().err
