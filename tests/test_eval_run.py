@@ -254,3 +254,28 @@ def test_forgetting_curve_scores_the_first_edited_facts(settings, monkeypatch):
         line = ev(ed.model, done)
         assert ("forgetting" in line) == (done > 0)
     assert seen == [[0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3]]
+
+
+def test_snapshots_are_evaluated_only_at_the_edit_counts_asked_for(tmp_path, settings):
+    import dataclasses
+
+    from encore_fast.eval.cli import edit_counts
+    from encore_fast.eval.run import EVALS_FILE, evaluate_snapshots
+
+    out = tmp_path / "deferred"
+    go(lambda: FakeEditor(), out, dataclasses.replace(settings, defer=True), eval_every=1)
+    ed = FakeEditor()
+    with pytest.raises(RunConfigError, match=r"no batch of this run ends at \[5\] edits"):
+        evaluate_snapshots(out, ed.model, ed.tokenizer, stream(), settings, at=[5],
+                           progress=False)
+    evaluate_snapshots(out, ed.model, ed.tokenizer, stream(), settings, at=[6, 10],
+                       progress=False)
+    got = [x["edits_done"] for x in read_results(out / EVALS_FILE) if x["type"] == "eval"]
+    assert got == [0, 6, 10]  # (batches of 3: 3, 6, 9 and the last, 10, were snapshotted)
+    evaluate_snapshots(out, ed.model, ed.tokenizer, stream(), settings, progress=False)
+    got = [x["edits_done"] for x in read_results(out / EVALS_FILE) if x["type"] == "eval"]
+    assert sorted(got) == [0, 3, 6, 9, 10]  # the rest later, on request
+    assert edit_counts("1000, 2000,7500") == [1000, 2000, 7500]
+    for bad in ("", "ten", "0,5"):
+        with pytest.raises(Exception, match="numbers of edits"):
+            edit_counts(bad)

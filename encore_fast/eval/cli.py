@@ -305,7 +305,22 @@ def add_snapshot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run folder (of 'encore-fast eval')")
     parser.add_argument("--follow", action="store_true",
                         help="keep waiting for new snapshots until the run's last one")
+    parser.add_argument("--at", type=edit_counts, default=None, metavar="N,N,...",
+                        help="evaluate only the snapshots after these numbers of edits (and "
+                             "the unedited one), e.g. 1000,2000,3000,5000,7500,10000")
     add_common_arguments(parser)
+
+
+def edit_counts(text: str) -> list[int]:
+    """``"1000,2000"`` -> ``[1000, 2000]`` (an argparse type: numbers of edits >= 1)."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers of edits like 1000,2000, got "
+                                         f"{text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected numbers of edits >= 1, got {text!r}")
+    return values
 
 
 def run_eval_snapshots(args: argparse.Namespace) -> int:
@@ -324,6 +339,7 @@ def run_eval_snapshots(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])  # (in eval mode)
         check_eval_tokenizer(settings, tokenizer)
         evaluate_snapshots(run, model, tokenizer, records, settings, follow=args.follow,
+                           at=args.at,
                            progress=not args.quiet)
     except USER_ERRORS as exc:
         print(error_line("eval-snapshots", exc), file=sys.stderr)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -274,8 +274,10 @@ def evaluate_snapshots(
     follow: bool = False,
     poll_seconds: float = 60.0,
     progress: bool = True,
+    at: Collection[int] | None = None,
 ) -> Path:
-    """Evaluate every snapshot of a run (oldest first) that ``evals.jsonl`` does not hold yet.
+    """Evaluate every snapshot of a run (oldest first) that ``evals.jsonl`` does not hold yet
+    (``at``: only those after these numbers of edits, and the unedited one).
 
     ``model`` is a fresh copy of the run's original model (same dtype): each snapshot's weights
     are put into it in turn. ``records`` is the run's stream (checked against its hash).
@@ -287,6 +289,7 @@ def evaluate_snapshots(
     config = folder.config()
     stream = _run_stream(folder, config, records)
     n_batches = -(-config["num_edits"] // config["batch_size"])
+    wanted = _wanted_batches(config, at)
     evals = folder.path / EVALS_FILE
     lines = read_results(evals, repair=True)
     evaluator = Evaluator(tokenizer, stream, settings)
@@ -296,7 +299,7 @@ def evaluate_snapshots(
     bar = tqdm(desc=f"evaluating {folder.path.name}", unit="snapshot", disable=not progress)
     try:
         while True:
-            for b, path in _pending_snapshots(folder, done).items():
+            for b, path in _pending_snapshots(folder, done, wanted).items():
                 start = time.perf_counter()
                 info = load_snapshot(model, path, fingerprint)
                 line = _eval_line(evaluator, model, b, info["edits_done"],
@@ -306,7 +309,7 @@ def evaluate_snapshots(
                 done.add(b)
                 bar.update(1)
                 _show(bar, line)
-            if not follow or n_batches in done:
+            if not follow or (wanted <= done if wanted is not None else n_batches in done):
                 break
             time.sleep(poll_seconds)
     finally:
@@ -323,9 +326,26 @@ def _run_stream(folder: RunFolder, config: Mapping[str, Any],
     return stream
 
 
-def _pending_snapshots(folder: RunFolder, done: set[int]) -> dict[int, Path]:
-    """The run's snapshots not evaluated yet, oldest first (the unedited one must exist)."""
-    todo = {b: p for b, p in list_snapshots(folder.path / SNAPSHOTS).items() if b not in done}
+def _wanted_batches(config: Mapping[str, Any], at: Collection[int] | None) -> set[int] | None:
+    """The batch counts after which the run has made the numbers of edits ``at`` (and 0);
+    None: every snapshot. An edit count that no batch ends at is an error."""
+    if at is None:
+        return None
+    n, size = config["num_edits"], config["batch_size"]
+    ends = {min(b * size, n): b for b in range(-(-n // size) + 1)}
+    bad = sorted(e for e in at if e not in ends)
+    if bad:
+        raise RunConfigError(f"no batch of this run ends at {bad} edits (batches of {size}, "
+                             f"{n} edits)")
+    return {0} | {ends[e] for e in at}
+
+
+def _pending_snapshots(folder: RunFolder, done: set[int],
+                       wanted: set[int] | None = None) -> dict[int, Path]:
+    """The run's snapshots not evaluated yet (of those ``wanted``), oldest first (the unedited
+    one must exist)."""
+    todo = {b: p for b, p in list_snapshots(folder.path / SNAPSHOTS).items()
+            if b not in done and (wanted is None or b in wanted)}
     if 0 not in done and 0 not in todo:
         raise RunConfigError(f"{folder.path}: no snapshot of the unedited model (0 batches)")
     return todo
