@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -121,6 +122,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     batch_size = args.batch_size or cfg.batch_size
     validate_requests(requests, None, batch_size=batch_size)  # all but lengths (no tokenizer)
     check_out_file(args.out, args.overwrite)
+    check_model_dir(args.save_model, args.overwrite)
     check_corpus(args.corpus, cfg.stats_samples)
     check_model(args.model)
     group = init_from_env()  # under torchrun: one rank of a data-parallel edit
@@ -135,9 +137,21 @@ def cmd_edit(args: argparse.Namespace) -> int:
         ranks = "" if group is None else f" on {group.world} ranks"
         print(f"{len(requests)} edits in {len(reports)} batch(es){ranks}, {total:.1f} s "
               f"({total / len(requests):.2f} s/edit); saved to {path}")
+        if args.save_model:
+            print(f"edited model: {editor.save_pretrained(args.save_model, args.overwrite)}")
     if group is not None:
         torch.distributed.destroy_process_group()
     return 0
+
+
+def check_model_dir(path: str | None, overwrite: bool) -> None:
+    """``--save-model``: a new or empty folder (or ``--overwrite``), not a file."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not overwrite)):
+        raise ConfigError(f"--save-model {target}: exists and is not an empty folder "
+                          "(--overwrite replaces it)")
 
 
 def check_out_after_edits(path: str, overwrite: bool, group: Any) -> None:
@@ -243,7 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("requests", help="JSON list or JSONL of {prompt, subject, target_new}")
     edit.add_argument("--out", default="edits.safetensors",
                       help="where to save the edits (default: edits.safetensors)")
-    edit.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    edit.add_argument("--overwrite", action="store_true",
+                      help="replace an existing --out file (and --save-model folder)")
+    edit.add_argument("--save-model", default=None, metavar="DIR",
+                      help="also write the edited model as a transformers checkpoint (weights "
+                           "in the model's dtype, tokenizer, model card, edits.jsonl)")
     edit.add_argument("--batch-size", type=positive_int, default=None,
                       help="edits per batch (default: the preset's)")
     edit.add_argument("--preset", default=None,

@@ -31,6 +31,7 @@ from encore_fast.edits_file import read_edits_metadata as read_edits_metadata
 from encore_fast.engines import ENGINES as ENGINES
 from encore_fast.engines import SavedInverse, Solver, make_engine
 from encore_fast.errors import EditorConflictError
+from encore_fast.export import export_editor
 from encore_fast.history import History, check_history
 from encore_fast.layer_states import checked_state_device, checked_stats, corpus_c0, initial_states
 from encore_fast.matrices import EditedMatrices, check_free, claim, unclaim
@@ -93,7 +94,6 @@ class Editor:
     Each batch is all-or-nothing: if anything fails, the model, ``S``, solver state and
     history are as before the batch (:class:`EditError` names the layer and why).
     """
-
 
     def __init__(
         self, model: torch.nn.Module, tokenizer: Any, method: str = "encore",
@@ -366,7 +366,7 @@ class Editor:
         """A fresh solver over ``state`` (from a saved inverse and its counters, if given)."""
         return self._engine.solver(self.rule, layer, state, self.hparams, saved)
 
-    # ------------------------------------------------------------------ history
+    # ------------------------------------------------------------------ history, save, load
 
     def reset(self) -> None:
         """Restore the original weights and forget all edits and sequential state."""
@@ -391,8 +391,6 @@ class Editor:
             self._solver(layer)  # (no base: made from S = 0, as before a first batch)
         for batch in batches:
             self._commit(batch, self._apply_factors(batch), solved=False)
-
-    # ------------------------------------------------------------------ save / load
 
     def save_edits(self, path: str | os.PathLike,
                    metadata: Mapping[str, Any] | None = None) -> Path:
@@ -439,6 +437,10 @@ class Editor:
                 raise
             self.edit_history.trim(self.layer_states, self._make_solver)
         return self.num_batches
+
+    def save_pretrained(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """The edited model as a transformers checkpoint (``encore_fast.export``): ``path``."""
+        return export_editor(self, path, overwrite=overwrite)
 
     @staticmethod
     def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

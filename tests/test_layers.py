@@ -35,7 +35,7 @@ LAYERS: dict[str, float] = {
     "encore_fast.values.*": 3,
     "encore_fast.edits_file": 4, "encore_fast.history": 4, "encore_fast.engines": 4,
     "encore_fast.sharing": 4, "encore_fast.matrices": 4, "encore_fast.layer_states": 4,
-    "encore_fast.contexts": 4, "encore_fast.batch_report": 4,
+    "encore_fast.contexts": 4, "encore_fast.batch_report": 4, "encore_fast.export": 4,
     "encore_fast.editor": 5, "encore_fast": 5,
     "encore_fast.eval.*": 6, "encore_fast.compat.*": 6,
     "encore_fast.cli_common": 7.0, "encore_fast.eval.cli": 7.1, "encore_fast.cli": 7.2,

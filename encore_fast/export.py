@@ -1,0 +1,90 @@
+"""The edited model as a normal transformers checkpoint, for use without encore_fast.
+
+:func:`export_model` writes, into a new folder (atomically: a temporary folder renamed into
+place): the weights as safetensors in the model's own dtype (a 16-bit model's edited matrices are
+its fp32 masters rounded once, to nearest, exactly as the model holds them), ``config.json``, the
+tokenizer, the generation config, a model card (``README.md``: method, settings, source model,
+number of edits) and the edit list (``edits.jsonl``, one request per line).
+``AutoModelForCausalLM.from_pretrained(folder)`` loads it with the edits in place.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from encore_fast.errors import ConfigError
+from encore_fast.requests import EditRequest
+
+EDITS_FILE = "edits.jsonl"
+
+
+def export_model(model: Any, tokenizer: Any, path: str | os.PathLike, *, method: str,
+                 settings: dict[str, Any], source: str, requests: Sequence[EditRequest],
+                 overwrite: bool = False) -> Path:
+    """Write ``model`` (edited) with its tokenizer, model card and edit list to ``path``.
+
+    ``path`` must not exist (or be empty), unless ``overwrite``: then its old content is
+    replaced once the new one is complete. Returns ``path``."""
+    final = Path(path)
+    if final.exists() and (not final.is_dir() or (any(final.iterdir()) and not overwrite)):
+        raise ConfigError(f"cannot export the model to {final}: it exists and is not an empty "
+                          "folder (pass overwrite=True / --overwrite to replace it)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _write_edits(tmp / EDITS_FILE, requests)
+        card = model_card(method, settings, source, len(requests), _dtype_name(model))
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+        _replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def export_editor(editor: Any, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """:func:`export_model` of an :class:`~encore_fast.editor.Editor`'s model, with its method,
+    settings, source model name and requests."""
+    return export_model(editor.model, editor.tokenizer, path, method=editor.method,
+                        settings=editor.hparams.to_dict(), source=editor.model_name,
+                        requests=editor.requests, overwrite=overwrite)
+
+
+def model_card(method: str, settings: dict[str, Any], source: str, n_edits: int,
+               dtype: str) -> str:
+    """The checkpoint's README: what was edited, how, from which model."""
+    date = _dt.datetime.now(_dt.timezone.utc).date().isoformat()
+    return (f"# {source}, edited with encore_fast ({method})\n\n"
+            f"- source model: `{source}`\n- method: `{method}`\n- edits: {n_edits} "
+            f"(listed in `{EDITS_FILE}`)\n- weights: {dtype}\n- exported: {date}\n\n"
+            "Settings:\n\n```json\n" + json.dumps(settings, indent=2, sort_keys=True) +
+            "\n```\n\nLoad it with `transformers.AutoModelForCausalLM.from_pretrained` like "
+            "any checkpoint; the edits are in the weights.\n")
+
+
+def _write_edits(path: Path, requests: Sequence[EditRequest]) -> None:
+    lines = [json.dumps(r.to_dict(), ensure_ascii=False, sort_keys=True) for r in requests]
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def _dtype_name(model: Any) -> str:
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    """Put the complete folder ``tmp`` at ``final`` (an old folder there goes only after)."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.with_name(f".{final.name}.old{os.getpid()}")
+    os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
