@@ -137,8 +137,7 @@ class Editor:
         claim(model, self)
 
     def release(self) -> None:
-        """Let another :class:`Editor` take this model (its weights stay as they are); this
-        editor refuses to edit, undo, reset or load afterwards."""
+        """Let another :class:`Editor` take this model (as it is); this one refuses all edits."""
         unclaim(self.model, self)
         self._released = True
 
@@ -438,9 +437,10 @@ class Editor:
             self.edit_history.trim(self.layer_states, self._make_solver)
         return self.num_batches
 
-    def save_pretrained(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
-        """The edited model as a transformers checkpoint (``encore_fast.export``): ``path``."""
-        return export_editor(self, path, overwrite=overwrite)
+    def save_pretrained(self, path: str | os.PathLike, overwrite: bool = False,
+                        gguf: str | None = None) -> Path:
+        """The edited model as a transformers checkpoint (and GGUF: ``encore_fast.export``)."""
+        return export_editor(self, path, overwrite=overwrite, gguf=gguf)
 
     @staticmethod
     def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

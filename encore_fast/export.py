@@ -6,6 +6,11 @@ its fp32 masters rounded once, to nearest, exactly as the model holds them), ``c
 tokenizer, the generation config, a model card (``README.md``: method, settings, source model,
 number of edits) and the edit list (``edits.jsonl``, one request per line).
 ``AutoModelForCausalLM.from_pretrained(folder)`` loads it with the edits in place.
+
+For a model that came from a GGUF file (the bundled SmolLM2), :func:`export_gguf` also writes a
+GGUF file: every tensor and metadata field of the source as it is, except the edited matrices
+(``blk.N.ffn_down.weight``), rewritten from the edited weights in F16, BF16 or Q8_0 -- never in
+a type that would round the edits away (the source's 4-bit types would).
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from encore_fast.errors import ConfigError
+from encore_fast.models.loading import BUNDLED_NAMES, bundled_gguf
 from encore_fast.requests import EditRequest
 
 EDITS_FILE = "edits.jsonl"
+GGUF_TYPES = ("BF16", "F16", "Q8_0")
 
 
 def export_model(model: Any, tokenizer: Any, path: str | os.PathLike, *, method: str,
@@ -50,12 +57,57 @@ def export_model(model: Any, tokenizer: Any, path: str | os.PathLike, *, method:
     return final
 
 
-def export_editor(editor: Any, path: str | os.PathLike, overwrite: bool = False) -> Path:
+def export_editor(editor: Any, path: str | os.PathLike, overwrite: bool = False,
+                  gguf: str | None = None) -> Path:
     """:func:`export_model` of an :class:`~encore_fast.editor.Editor`'s model, with its method,
-    settings, source model name and requests."""
-    return export_model(editor.model, editor.tokenizer, path, method=editor.method,
-                        settings=editor.hparams.to_dict(), source=editor.model_name,
-                        requests=editor.requests, overwrite=overwrite)
+    settings, source model name and requests; ``gguf`` (a type of :data:`GGUF_TYPES`): also
+    ``model.gguf`` in the folder, for the bundled model (the one GGUF source known here)."""
+    source = bundled_gguf() if editor.model_name in BUNDLED_NAMES else None
+    if gguf is not None and (gguf not in GGUF_TYPES or source is None):
+        raise ConfigError(f"gguf={gguf!r}: GGUF export needs one of {GGUF_TYPES} and a GGUF "
+                          f"source model (the bundled SmolLM2), not {editor.model_name!r}")
+    out = export_model(editor.model, editor.tokenizer, path, method=editor.method,
+                       settings=editor.hparams.to_dict(), source=editor.model_name,
+                       requests=editor.requests, overwrite=overwrite)
+    if gguf is not None and source is not None:
+        weights = {layer: editor.edited_weight(layer) for layer in editor.hparams.layers}
+        export_gguf(source, out / "model.gguf", weights, gguf)
+    return out
+
+
+def export_gguf(source: Path, target: Path, weights: dict[int, Any], kind: str = "BF16") -> Path:
+    """``source`` (a Llama-family GGUF file) with the MLP output matrices of ``weights``
+    (layer -> edited weight, ``[d_model, d_ff]``) replaced, in ``kind``; written atomically."""
+    import gguf  # (optional dependency: the ``bundled`` extra)
+
+    reader = gguf.GGUFReader(source)
+    qtype = gguf.GGMLQuantizationType[kind]
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    writer = gguf.GGUFWriter(tmp, arch=str(reader.fields["general.architecture"].contents()))
+    try:
+        for field in reader.fields.values():
+            if field.name.startswith("GGUF.") or field.name == "general.architecture":
+                continue
+            sub = field.types[1] if len(field.types) > 1 else None
+            writer.add_key_value(field.name, field.contents(), field.types[0], sub)
+        edited = {f"blk.{layer}.ffn_down.weight": w for layer, w in weights.items()}
+        for t in reader.tensors:
+            if t.name in edited:
+                data = gguf.quants.quantize(edited.pop(t.name).detach().float().cpu().numpy(),
+                                            qtype)
+                writer.add_tensor(t.name, data, raw_shape=data.shape, raw_dtype=qtype)
+            else:
+                writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+        if edited:
+            raise ConfigError(f"{source}: no tensors {sorted(edited)} to replace")
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
 
 
 def model_card(method: str, settings: dict[str, Any], source: str, n_edits: int,

@@ -77,3 +77,28 @@ def test_cli_edit_writes_the_model_too(tiny_dir, tmp_path, capsys):
     assert main([*base, "--save-model", str(tmp_path / "fresh")]) == 0
     assert (tmp_path / "fresh" / "model.safetensors").exists()
     assert "edited model:" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_bundled_model_is_also_exported_as_gguf_with_the_edits(smollm2, tmp_path):
+    from encore_fast.editor import Editor
+
+    model, tokenizer = smollm2
+    ed = Editor(copy.deepcopy(model), tokenizer, "encore", model_name="smollm2-135m",
+                corpus=CORPUS, stats_cache=False, progress=False, stats_samples=8,
+                v_num_grad_steps=12, batch_size=2)
+    ed.edit(EDITS)
+    with pytest.raises(ConfigError, match="GGUF export needs"):
+        ed.save_pretrained(tmp_path / "q4", gguf="Q4_1")  # (would round the edits away)
+    out = ed.save_pretrained(tmp_path / "edited", gguf="BF16")
+    loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf",
+                                                  dtype=torch.float32).eval()
+    for layer in ed.hparams.layers:
+        w = loaded.model.layers[layer].mlp.down_proj.weight
+        assert torch.equal(w, ed.edited_weight(layer).to(torch.bfloat16).float())
+    live, back = logits(ed.model, tokenizer), logits(loaded, tokenizer)
+    assert float((back - live).abs().max()) < 0.05 * float(live.abs().max())  # (bf16 layers)
+    unedited = logits(model, tokenizer)
+    assert float((back - live).norm()) < 0.1 * float((unedited - live).norm())
+    rome = tokenizer(" Rome", add_special_tokens=False)["input_ids"][0]
+    assert int(back.argmax()) == int(live.argmax()) == rome  # the edited fact answered

