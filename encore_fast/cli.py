@@ -34,6 +34,7 @@ from encore_fast.eval.cli import (
     run_eval,
     run_eval_snapshots,
 )
+from encore_fast.export import GGUF_TYPES
 from encore_fast.methods import RULES
 from encore_fast.models.dtypes import DTYPES
 from encore_fast.models.loading import pad_id
@@ -123,6 +124,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     validate_requests(requests, None, batch_size=batch_size)  # all but lengths (no tokenizer)
     check_out_file(args.out, args.overwrite)
     check_model_dir(args.save_model, args.overwrite)
+    if args.gguf and not args.save_model:
+        raise ConfigError("--gguf writes model.gguf into the --save-model folder: give both")
     check_corpus(args.corpus, cfg.stats_samples)
     check_model(args.model)
     group = init_from_env()  # under torchrun: one rank of a data-parallel edit
@@ -138,7 +141,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
         print(f"{len(requests)} edits in {len(reports)} batch(es){ranks}, {total:.1f} s "
               f"({total / len(requests):.2f} s/edit); saved to {path}")
         if args.save_model:
-            print(f"edited model: {editor.save_pretrained(args.save_model, args.overwrite)}")
+            saved = editor.save_pretrained(args.save_model, args.overwrite, gguf=args.gguf)
+            print(f"edited model: {saved}" + (" (and model.gguf)" if args.gguf else ""))
     if group is not None:
         torch.distributed.destroy_process_group()
     return 0
@@ -262,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--save-model", default=None, metavar="DIR",
                       help="also write the edited model as a transformers checkpoint (weights "
                            "in the model's dtype, tokenizer, model card, edits.jsonl)")
+    edit.add_argument("--gguf", default=None, choices=GGUF_TYPES,
+                      help="with --save-model and the bundled model: also model.gguf, the "
+                           "edited matrices in this type")
     edit.add_argument("--batch-size", type=positive_int, default=None,
                       help="edits per batch (default: the preset's)")
     edit.add_argument("--preset", default=None,

@@ -74,6 +74,8 @@ def test_cli_edit_writes_the_model_too(tiny_dir, tmp_path, capsys):
     assert main([*base, "--save-model", str(out_dir)]) == 2
     assert "not an empty folder" in capsys.readouterr().err
     assert not (tmp_path / "e.st").exists()
+    assert main([*base, "--gguf", "BF16"]) == 2  # (a GGUF goes into the --save-model folder)
+    assert "give both" in capsys.readouterr().err
     assert main([*base, "--save-model", str(tmp_path / "fresh")]) == 0
     assert (tmp_path / "fresh" / "model.safetensors").exists()
     assert "edited model:" in capsys.readouterr().out
