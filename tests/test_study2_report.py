@@ -1,0 +1,43 @@
+"""The protocol study's report on two scripted runs: tables with intervals at each point,
+the paired comparison with Holm's verdicts, collapse points, the run files and plots."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from helpers import load_benchmark
+from test_eval_protocol import Other, data, editor, go  # noqa: F401 (data: a fixture)
+
+from encore_fast.eval.run import EvalSettings
+
+
+@pytest.fixture
+def study2():
+    yield load_benchmark("study2_report")
+    sys.modules.pop("study2_report", None)
+
+
+def test_report_of_two_runs(study2, tmp_path, data):  # noqa: F811
+    pytest.importorskip("matplotlib")
+    settings = EvalSettings(sampling="edited", sample=10, **data)
+    runs = tmp_path / "runs"
+    go(editor(), runs / "encore", settings)
+    go(editor(Other), runs / "other", settings)
+    out = tmp_path / "report"
+    summary = study2.main(["--runs", str(runs), "--out", str(out), "--methods", "encore",
+                           "other", "--points", "8", "20", "13"])
+    assert summary == 0
+    table = (out / "table.md").read_text().splitlines()
+    assert table[2].startswith("| unedited | 0 |")
+    assert [line.split("|")[1:3] for line in table[3:]] == [
+        [" encore ", " 8 "], [" other ", " 8 "], [" encore ", " 20 "], [" other ", " 20 "]]
+    assert "n=8" in table[3] and "[" in table[3]  # cells with intervals and n
+    compare = (out / "compare-encore-vs-other.md").read_text()
+    assert "| S | 8 |" in compare and "| S | 20 |" in compare and "Holm" in compare
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["encore"]["evaluated_to"] == 20 and saved["other"]["edited_to"] == 20
+    assert saved["encore"]["collapse"] is None
+    assert (out / "encore" / "outcomes").is_dir() and (out / "other" / "config.json").exists()
+    assert list((out / "plots").glob("*.png"))
