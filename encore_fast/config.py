@@ -158,6 +158,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "memit": dict(_SMOLLM2, lambda_p=150.0),
         "alphaedit": dict(_SMOLLM2, alpha=1.0, null_space_threshold=2e-2),
     },
+    # SmolLM2-135M for long streams (thousands of edits): λ_p 5000 / λ_n 20, chosen on
+    # counterfact-train.json at 1,000 edits (README "Presets"); AlphaEdit was not tuned for it.
+    "smollm2-135m-stream": {
+        "encore": dict(_SMOLLM2, lambda_p=5000.0, lambda_n=20.0, mpes_extra_steps=2),
+        "memit": dict(_SMOLLM2, lambda_p=5000.0),
+        "alphaedit": dict(_SMOLLM2, alpha=1.0, null_space_threshold=2e-2),
+    },
 }
 
 _NAME_HINTS = [

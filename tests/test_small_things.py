@@ -112,3 +112,14 @@ def test_the_demo_takes_wikitext_from_the_data_and_goes_on_without_it(monkeypatc
     monkeypatch.setattr(cli, "locate", offline)
     assert cli.demo_corpus() is None
     assert "no WikiText-2: cannot download" in capsys.readouterr().err
+
+
+def test_a_named_preset_for_long_streams_on_smollm2():
+    from encore_fast.config import PRESETS, guess_preset, make_config
+
+    few, many = (make_config("encore", p, 30) for p in ("smollm2-135m", "smollm2-135m-stream"))
+    assert (few.lambda_p, few.lambda_n) == (150.0, 2.0)
+    assert (many.lambda_p, many.lambda_n, many.mpes_extra_steps) == (5000.0, 20.0, 2)
+    assert make_config("memit-seq", "smollm2-135m-stream", 30).lambda_p == 5000.0
+    assert guess_preset("HuggingFaceTB/SmolLM2-135M") == "smollm2-135m"  # (a few edits)
+    assert set(PRESETS["smollm2-135m-stream"]) == set(PRESETS["smollm2-135m"])
