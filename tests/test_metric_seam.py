@@ -131,11 +131,12 @@ def easyedit(n):
 
 
 def test_registered_metric_in_the_cli(mean_logit, tmp_path, monkeypatch, capsys):
-    args = eval_parser().parse_args(["--mean-logit-records", "3"])
+    no_data = ["--wikitext", "none", "--known-facts", "none"]  # (the metric's option alone)
+    args = eval_parser().parse_args(["--mean-logit-records", "3", *no_data])
     settings = eval_cli.settings_from_args(args)
     assert settings.metric_settings == {"mean_logit_records": 3}
     assert mean_logit.enabled(settings)
-    default = eval_cli.settings_from_args(eval_parser().parse_args([]))
+    default = eval_cli.settings_from_args(eval_parser().parse_args(no_data))
     assert default.metric_settings == {} and not mean_logit.enabled(default)
     assert "records whose top logit is averaged" in eval_parser().format_help()
     with pytest.raises(SystemExit):
