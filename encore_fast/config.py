@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,8 @@ class EditConfig:
     Update: ``lambda_p`` (weight of C0), ``lambda_n`` (ENCORE's Frobenius-norm weight),
     ``alpha`` and ``null_space_threshold`` for AlphaEdit (``null_space_relative`` makes the
     threshold a fraction of C0's largest eigenvalue). Statistics: ``stats_samples`` texts of at
-    most ``stats_max_length`` tokens.
+    most ``stats_max_length`` tokens. ``method_settings``: the settings a method (or each part
+    of a composed one) declares for itself, ``{part: {name: value}}``, filled with its defaults.
     """
 
     layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
@@ -51,6 +52,7 @@ class EditConfig:
     context_words: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
     context_length: int = 10
     max_prompt_length: int = 256
+    method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def replace(self, **overrides: Any) -> EditConfig:
         """A copy with ``overrides`` applied; unknown names are an error."""
@@ -98,6 +100,8 @@ class EditConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["context_words"] = list(self.context_words)
+        if not d["method_settings"]:
+            del d["method_settings"]  # (files of methods without own settings stay as before)
         return d
 
     @classmethod
@@ -196,46 +200,73 @@ def scaled_layers(num_layers: int) -> list[int]:
 PRESET_FAMILIES = ("memit", "encore", "alphaedit")
 """The method columns of :data:`PRESETS`: every method starts from one family's settings."""
 
+KINDS = ("rule", "value", "update")
+"""What a registered method part is: an update rule, a value transform (``z`` before the rule)
+or an update transform (a layer's Δ after it)."""
+
 
 @dataclass(frozen=True)
 class MethodSettings:
-    """What the settings know about one editing method.
+    """What the settings know about one registered method part.
 
-    ``preset_family``: the column of :data:`PRESETS` its settings start from (one of
-    :data:`PRESET_FAMILIES`); ``mpes``: whether MPES (``mpes_extra_steps``) stays on by default.
-    A method's own default settings and presets would be further fields here.
+    ``preset_family``: the column of :data:`PRESETS` a rule's settings start from (one of
+    :data:`PRESET_FAMILIES`); ``mpes``: whether MPES (``mpes_extra_steps``) stays on by default;
+    ``kind``: one of :data:`KINDS`; ``own``: the part's own settings and their defaults (they go
+    to ``EditConfig.method_settings[name]``); ``presets``: per model preset, values of its own
+    settings and of :class:`EditConfig` fields; ``check``: validates its own settings (raises
+    :class:`ConfigError`).
     """
 
-    preset_family: str
+    preset_family: str = "memit"
     mpes: bool = False
+    kind: str = "rule"
+    own: Mapping[str, Any] = field(default_factory=dict)
+    presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    check: Callable[[dict[str, Any]], None] | None = None
 
 
 METHODS: dict[str, MethodSettings] = {}
-"""Method name -> :class:`MethodSettings`: the methods :func:`make_config` knows. Filled by
+"""Part name -> :class:`MethodSettings`: the method parts :func:`make_config` knows. Filled by
 ``encore_fast.methods.register`` (which every method, built-in or user-defined, goes through)
-and emptied by ``unregister``, so it always names the registered methods. The settings never
+and emptied by ``unregister``, so it always names the registered ones. The settings never
 import the methods: the methods are built on the settings, and tell them what they need."""
 
 
 def declare_method(name: str, settings: MethodSettings) -> None:
-    """Tell :func:`make_config` about method ``name`` (replacing what it knew of that name)."""
+    """Tell :func:`make_config` about method part ``name`` (replacing what it knew of it)."""
     if settings.preset_family not in PRESET_FAMILIES:
         raise ConfigError(f"method {name!r}: preset family must be one of {PRESET_FAMILIES}, "
                           f"got {settings.preset_family!r}")
+    if settings.kind not in KINDS:
+        raise ConfigError(f"method {name!r}: kind must be one of {KINDS}, got "
+                          f"{settings.kind!r}")
     METHODS[name] = settings
 
 
 def forget_method(name: str) -> None:
-    """Remove method ``name`` from :data:`METHODS` (nothing happens for an unknown name)."""
+    """Remove method part ``name`` from :data:`METHODS` (nothing happens for an unknown one)."""
     METHODS.pop(name, None)
 
 
 def method_settings(name: str) -> MethodSettings:
-    """What the settings know about method ``name``; an unknown name is a ConfigError."""
+    """What the settings know about method part ``name``; an unknown name is a ConfigError."""
     try:
         return METHODS[name]
     except KeyError:
         raise ConfigError(f"unknown method {name!r}; choose one of {sorted(METHODS)}") from None
+
+
+def method_parts(method: str) -> list[str]:
+    """The parts of a method name, ``"alphaedit+nas"`` -> ``["alphaedit", "nas"]``: exactly one
+    update rule and any transforms, each registered and named once (a ConfigError else)."""
+    parts = [p.strip() for p in str(method).split("+")]
+    rules = [p for p in parts if p and method_settings(p).kind == "rule"]  # (unknown: raise)
+    if "" in parts or len(rules) != 1 or len(set(parts)) != len(parts):
+        raise ConfigError(
+            f"method {method!r}: write one update rule and any transforms joined by '+', each "
+            f"once (rules: {sorted(n for n, m in METHODS.items() if m.kind == 'rule')}; "
+            f"transforms: {sorted(n for n, m in METHODS.items() if m.kind != 'rule')})")
+    return parts
 
 
 def make_config(
@@ -244,27 +275,68 @@ def make_config(
     """Settings for ``method`` from ``preset`` (or generic Llama3-like ones), then overrides.
 
     Without a preset, the Llama3-8B settings are used at the same relative depth (and the caller
-    is told to tune λ_p / λ_n / τ for the model's key scale; see README).
+    is told to tune λ_p / λ_n / τ for the model's key scale; see README). ``method`` may be
+    composed (``"alphaedit+nas"``): the rule's settings, then each part's preset values and
+    own settings; an override ``part.name=value`` sets a part's own setting (a plain ``name``
+    does too when exactly one part has it).
     """
-    known = method_settings(method)
-    family = known.preset_family
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}; available: {sorted(PRESETS)}")
-        settings = dict(PRESETS[preset][family])
-    else:
-        settings = dict(PRESETS["llama3-8b"][family])
-        if num_layers is not None:
-            settings["layers"] = scaled_layers(num_layers)
+    parts = method_parts(method)
+    rule = next(p for p in parts if METHODS[p].kind == "rule")
+    known = METHODS[rule]
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; available: {sorted(PRESETS)}")
+    settings = dict(PRESETS[preset or "llama3-8b"][known.preset_family])
+    if preset is None and num_layers is not None:
+        settings["layers"] = scaled_layers(num_layers)
+    own = {p: dict(METHODS[p].own) for p in parts}
+    for p in parts:
+        for key, value in METHODS[p].presets.get(preset or "", {}).items():
+            (own[p] if key in own[p] else settings)[key] = value
     cfg = EditConfig().replace(**settings)
     if not known.mpes and "mpes_extra_steps" not in overrides:
         cfg = cfg.replace(mpes_extra_steps=None)
-    cfg = cfg.replace(**overrides)
+    plain = _route_own(method, own, overrides)
+    cfg = cfg.replace(**plain, method_settings={p: v for p, v in own.items() if v})
     if isinstance(cfg.context_words, list):
         cfg = cfg.replace(context_words=tuple(cfg.context_words))
     if isinstance(cfg.layers, tuple):
         cfg = cfg.replace(layers=list(cfg.layers))
+    for p in parts:
+        if METHODS[p].check is not None:
+            METHODS[p].check(own[p])
     return cfg.validate(num_layers)
+
+
+def _route_own(method: str, own: dict[str, dict[str, Any]],
+               overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Put the overrides of the parts' own settings into ``own`` (in place); the rest."""
+    fields = {f.name for f in dataclasses.fields(EditConfig)} - {"method_settings"}
+    plain = {}
+    for key, value in overrides.items():
+        part, dot, name = key.rpartition(".")
+        if dot:
+            if part not in own or name not in own[part]:
+                raise ConfigError(f"unknown setting {key!r} for method {method!r} (its parts' "
+                                  f"own settings: {_own_names(own)})")
+            own[part][name] = value
+            continue
+        owners = [p for p, names in own.items() if key in names]
+        if key in fields or not owners:
+            plain[key] = value
+        elif len(owners) == 1:
+            own[owners[0]][key] = value
+        else:
+            raise ConfigError(f"setting {key!r} belongs to several parts of {method!r} "
+                              f"({owners}); write {owners[0]}.{key}=...")
+    unknown = sorted(set(plain) - fields)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown} for method {method!r}; valid: "
+                          f"{sorted(fields)} and the parts' own settings {_own_names(own)}")
+    return plain
+
+
+def _own_names(own: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    return [f"{p}.{n}" for p, names in own.items() for n in names]
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from encore_fast.export import export_editor
 from encore_fast.history import History, check_history
 from encore_fast.layer_states import checked_state_device, checked_stats, corpus_c0, initial_states
 from encore_fast.matrices import EditedMatrices, check_free, claim, unclaim
-from encore_fast.methods import LayerState, get_rule
+from encore_fast.methods import LayerState, LowRankUpdate, build_method
 from encore_fast.models.arch import ArchSpec, ModelView
 from encore_fast.models.fingerprint import model_fingerprint
 from encore_fast.models.hooks import editing_mode
@@ -47,11 +47,12 @@ from encore_fast.values.prompts import PromptTokens
 
 
 class Editor:
-    """Edit facts in a causal LM, batch after batch, with ENCORE, MEMIT or AlphaEdit.
+    """Edit facts in a causal LM, batch after batch, with ENCORE, MEMIT, AlphaEdit and others.
 
     Args:
         model, tokenizer: a Hugging Face causal LM and its tokenizer.
-        method: ``"encore"`` (default), ``"memit"``, ``"memit-seq"`` or ``"alphaedit"``.
+        method: ``"encore"`` (default), another registered rule (``encore_fast.methods.RULES``),
+            an alias, or a rule joined with transforms, ``"alphaedit+nas"`` (README "Methods").
         preset: ``"auto"`` (from the model's name), a name in ``config.PRESETS``, or None for
             generic Llama3-8B settings at the same relative depth.
         engine: ``"fast"`` (default: batched values, prefix reuse, Woodbury solves) or
@@ -113,9 +114,10 @@ class Editor:
         self.view = ModelView(model, arch)
         self.model_name = model_name or str(getattr(model.config, "name_or_path", "") or "model")
         self.preset = guess_preset(self.model_name) if preset == "auto" else preset
-        self.method = method
-        self.hparams = make_config(method, self.preset, self.view.num_layers, **overrides)
-        self.rule = get_rule(method)
+        self.parts = build_method(method)  # (the rule and any transforms: "alphaedit+nas")
+        self.method = self.parts.name
+        self.hparams = make_config(self.method, self.preset, self.view.num_layers, **overrides)
+        self.rule = self.parts.rule
         self.engine = engine
         self.corpus = corpus
         self.stats_cache = stats_cache
@@ -264,6 +266,7 @@ class Editor:
             self.view, self.tokenizer, share, self.context_templates, tokens, self.hparams, bar),
             bar, f"batch {self.num_batches}: value optimisation", self.view.device)
         zs = checked_values(reqs, values, self.num_batches, self.view.dtype)
+        zs = self.parts.transform_values(zs, lambda: self._engine.context(self, reqs, values))
         t1 = time.perf_counter()
         batch, keys64, w_norms, d_norms = update_from_main(
             self.group, reqs, lambda: self._update_layers(reqs, zs, tokens),
@@ -290,12 +293,12 @@ class Editor:
                                   reuse_below=self._engine.reuse_below(cfg.layers),
                                   tokens=tokens)
             for i, layer in enumerate(cfg.layers):
-                keys, u32, v32, k64 = self._solve_layer(fwd, i, layer, zs)
+                keys, upd, k64 = self._solve_layer(fwd, i, layer, zs)
                 backups[layer] = self.edited_weight(layer).detach().clone()
-                w_norms[layer], d_norms[layer] = self._apply(layer, u32, v32)
+                w_norms[layer], d_norms[layer] = self.matrices.apply(layer, upd.u, upd.v, upd.mask)
                 check_norms(layer, w_norms[layer], d_norms[layer], self.view.dtype_name)
                 keys64[layer] = k64
-                batch.factors[layer] = (u32.cpu(), v32.cpu(), keys.T.contiguous().cpu())
+                batch.record(layer, upd.u, upd.v, keys.T.contiguous(), upd.mask)
         except BaseException as exc:
             self._roll_back(backups, had_solvers)
             error = rolled_back_error(exc, f"batch {self.num_batches}, layer {layer}")
@@ -305,9 +308,10 @@ class Editor:
         return batch, keys64, w_norms, d_norms
 
     def _solve_layer(self, fwd: SubjectForwards, i: int, layer: int, zs: torch.Tensor) -> tuple[
-            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The ``i``-th edited layer's keys, checked factors ``U``, ``V`` (fp32) and its keys
-        in float64 on the state's device (the layers before it are final for this batch)."""
+            torch.Tensor, LowRankUpdate, torch.Tensor]:
+        """The ``i``-th edited layer's keys, its checked update (fp32 factors, after the
+        method's update transforms) and its keys in float64 on the state's device (the layers
+        before it are final for this batch)."""
         cfg = self.hparams
         fwd.freeze_below(layer)
         keys = fwd.keys(layer)
@@ -316,10 +320,12 @@ class Editor:
         sdev = self.layer_states()[layer].c0.device  # (keys go to the state)
         k64 = keys.T.contiguous().double().to(sdev)  # the layout replay reads back
         v = self._solver(layer).solve(k64, resid.T.double().to(sdev))
-        u32, v32 = resid.T.contiguous(), v.float().contiguous()
-        check_update(layer, keys, u32, v32, tuple(self.view.weight(layer).shape),
-                      self.view.arch.transposed)
-        return keys, u32, v32, k64
+        upd = LowRankUpdate(resid.T.contiguous(), v.float().contiguous())
+        upd = self.parts.transform_update(upd, lambda: self.matrices.update_context(
+            layer, self.layer_states()[layer], cfg, keys))
+        check_update(layer, keys, upd.u, upd.v, tuple(self.view.weight(layer).shape),
+                     self.view.arch.transposed)
+        return keys, upd, k64
 
     def _roll_back(self, backups: Mapping[int, torch.Tensor], had_solvers: set[int]) -> None:
         """Put back the matrices a failed batch changed, and the solvers as before it."""
@@ -346,13 +352,9 @@ class Editor:
         states = self.layer_states()
         keys64 = {}
         for layer, (u, v, k) in batch.factors.items():
-            self._apply(layer, u, v)
+            self.matrices.apply(layer, u, v, batch.masks.get(layer))
             keys64[layer] = k.to(states[layer].c0.device).double()
         return keys64
-
-    def _apply(self, layer: int, u: torch.Tensor, v: torch.Tensor) -> tuple[float, float]:
-        """``W += U Vᵀ`` (on the fp32 master, if any); ‖W‖ after it and ‖Δ‖."""
-        return self.matrices.apply(layer, u, v)
 
     def _solver(self, layer: int) -> Solver:
         """The solver of ``layer`` (made by the engine on first use, from ``C0`` and ``S``)."""
@@ -422,12 +424,9 @@ class Editor:
             path, fingerprint=self.fingerprint, method=self.method, config=self.hparams,
             weight_shapes={l: tuple(self.view.weight(l).shape) for l in self.hparams.layers},
             transposed=self.view.arch.transposed)
-        if saved.contexts is not None:
-            self._contexts = saved.contexts
-        else:
-            self.context_templates  # noqa: B018  (files before contexts were saved: make them now)
-        with editing_mode(self.model):
-            # (C0 from the original model, before any change)
+        # (files from before contexts were saved: made now, from the unedited model)
+        self._contexts = saved.contexts or self.context_templates
+        with editing_mode(self.model):  # (C0 from the original model, before any change:)
             self.edit_history.load(saved, self.layer_states(), self._make_solver)
             try:
                 self._replay(saved.batches)

@@ -38,11 +38,20 @@ _READABLE = ("encore_fast.edits/1", EDITS_FORMAT)  # /1: no base, every batch's 
 
 @dataclass
 class Batch:
-    """One applied batch: its requests and, per layer, ``Δ = U Vᵀ`` and the keys ``K``."""
+    """One applied batch: its requests and, per layer, ``Δ = U Vᵀ`` and the keys ``K``; for a
+    layer whose update a transform masked, ``Δ = M ⊙ (U Vᵀ)`` with ``masks[layer] = M``."""
 
     requests: list[EditRequest]
     factors: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
         default_factory=dict)
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def record(self, layer: int, u: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
+               mask: torch.Tensor | None = None) -> None:
+        """Keep ``layer``'s applied update (on the CPU): factors, keys ``[n, d_in]``, mask."""
+        self.factors[layer] = (u.cpu(), v.cpu(), keys.cpu())
+        if mask is not None:
+            self.masks[layer] = mask.cpu()
 
 
 @dataclass
@@ -90,6 +99,8 @@ def pack_edits(meta: dict[str, str], window: list[Batch], dropped: list[list[Edi
             tensors[f"b{b}.l{layer}.U"] = u.contiguous()
             tensors[f"b{b}.l{layer}.V"] = v.contiguous()
             tensors[f"b{b}.l{layer}.K"] = k.contiguous()
+        for layer, mask in batch.masks.items():
+            tensors[f"b{b}.l{layer}.M"] = pack_bits(mask)
     counters = {}
     if base is not None:
         for layer, w in base.weights.items():
@@ -97,6 +108,8 @@ def pack_edits(meta: dict[str, str], window: list[Batch], dropped: list[list[Edi
             s = base.states[layer].s
             if s is not None:
                 tensors[f"base.l{layer}.S"] = s
+            for name, t in base.states[layer].extra.items():
+                tensors[f"base.l{layer}.x.{name}"] = t
             solver = base.solvers.get(layer)
             if isinstance(solver, WoodburySolver):
                 tensors[f"base.l{layer}.inv"] = solver.inv
@@ -166,6 +179,9 @@ def read_edits(path: Path, *, fingerprint: str, method: str, config: EditConfig,
             except EditError as exc:
                 raise EditsFileError(f"{path}: batch {b}: {exc}") from None
             batch.factors[layer] = (u, v, k)
+            packed = tensors.get(f"b{b}.l{layer}.M")
+            if packed is not None:
+                batch.masks[layer] = _read_mask(path, packed, weight_shapes[layer], transposed)
         batches.append(batch)
     return SavedEdits(batches=batches, dropped=requests[:first], contexts=contexts, base=base,
                       counters=counters)
@@ -225,8 +241,41 @@ def _read_base(path: Path, layers: list[int], weight_shapes: Mapping[int, tuple[
                                      f"{tuple(t.shape)} (expected {shape}) or non-finite "
                                      "entries")
             entry[name] = t
+        prefix = f"base.l{layer}.x."
+        for name, t in tensors.items():  # (a rule's own state: finite, its shape its own)
+            if name.startswith(prefix):
+                if not bool(torch.isfinite(t).all()):
+                    raise EditsFileError(f"{path}: {name} has non-finite entries")
+                entry["x." + name[len(prefix):]] = t
         base[layer] = entry
     return base
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor as uint8, eight entries per byte (the last byte zero-padded)."""
+    flat = mask.reshape(-1).to(torch.uint8).cpu()
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)]).view(-1, 8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    return (flat * weights).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The boolean tensor of ``shape`` that :func:`pack_bits` packed."""
+    bits = (packed.to(torch.uint8)[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1
+    n = 1
+    for d in shape:
+        n *= d
+    return bits.reshape(-1)[:n].bool().reshape(shape)
+
+
+def _read_mask(path: Path, packed: torch.Tensor, w_shape: tuple[int, ...],
+               transposed: bool) -> torch.Tensor:
+    """A batch's saved update mask, ``[d_out, d_in]``, checked against the weight's size."""
+    d_out, d_in = (w_shape[1], w_shape[0]) if transposed else (w_shape[0], w_shape[1])
+    if packed.dtype != torch.uint8 or packed.numel() != -(-d_out * d_in // 8):
+        raise EditsFileError(f"{path}: an update mask has {packed.numel()} bytes, expected "
+                             f"{-(-d_out * d_in // 8)} for a {d_out}x{d_in} update")
+    return unpack_bits(packed, (d_out, d_in))
 
 
 def check_update(layer: int, keys: torch.Tensor, u: torch.Tensor, v: torch.Tensor,

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from encore_fast.config import EditConfig
 from encore_fast.errors import ConfigError
-from encore_fast.methods import LayerState, UpdateRule
+from encore_fast.methods import LayerState, UpdateRule, ValueContext
 from encore_fast.methods.solver import DirectSolver, WoodburySolver
 from encore_fast.models.arch import ModelView
+from encore_fast.paths import cache_dir
 from encore_fast.requests import EditRequest
 from encore_fast.values import reference
 from encore_fast.values.objective import ValueResult
@@ -51,6 +53,21 @@ class Engine:
                         layer: int, cfg: EditConfig, progress: Any = None) -> list[ValueResult]:
         """The target value ``z`` of every request, ``layer`` being the last edited one."""
         raise NotImplementedError
+
+    def context(self, editor: Any, reqs: Sequence[EditRequest],
+                values: Sequence[ValueResult]) -> ValueContext:
+        """What a value transform reads about ``editor``'s batch (:class:`ValueContext`),
+        with this engine's value optimisation for the statistics it computes once."""
+        view, tok, cfg = editor.view, editor.tokenizer, editor.hparams
+
+        def optimize(rs: Sequence[EditRequest], contexts: list[str]) -> list[ValueResult]:
+            return self.values(view, tok, rs, contexts, PromptTokens(tok), cfg)
+
+        cache = editor.stats_cache
+        where = None if cache is False else Path(cache) if cache not in (None, True) else (
+            cache_dir())
+        return ValueContext(view, tok, reqs, values, cfg, optimize, editor.fingerprint, where,
+                            editor.progress)
 
     def reuse_below(self, layers: Sequence[int]) -> int | None:
         """Below which block the key passes may reuse outputs within a batch (None: never)."""
@@ -100,7 +117,10 @@ class FastEngine(Engine):
     def solver(self, rule: UpdateRule, layer: int, state: LayerState, cfg: EditConfig,
                saved: SavedInverse | None = None) -> Solver:
         """A Woodbury solver over ``state`` (from ``saved``, its inverse and counters, when
-        given); the direct solve, with a warning, when the inverse does not fit in memory."""
+        given); the direct solve, with a warning, when the inverse does not fit in memory,
+        and for rules that are no fixed system (``rule.woodbury`` false)."""
+        if not rule.woodbury:
+            return DirectSolver(rule, state, cfg)
         if saved is not None:
             inv, (done, refact) = saved
             return WoodburySolver(rule, state, cfg,

@@ -21,8 +21,7 @@ import torch
 from encore_fast.edits_file import Base, Batch, SavedEdits, pack_edits
 from encore_fast.engines import SavedInverse, Solver
 from encore_fast.errors import ConfigError, HistoryError
-from encore_fast.kernels import apply_lowrank_update_
-from encore_fast.matrices import EditedMatrices
+from encore_fast.matrices import EditedMatrices, apply_update_
 from encore_fast.methods import LayerState
 from encore_fast.requests import EditRequest
 
@@ -105,9 +104,8 @@ class History:
         base = self.base
         with torch.no_grad():
             for layer, (u, v, k) in batch.factors.items():
-                w = base.weights[layer]
-                apply_lowrank_update_(w, u.to(w.device), v.to(w.device),
-                                      transposed=self.matrices.view.arch.transposed)
+                apply_update_(base.weights[layer], u, v, batch.masks.get(layer),
+                              self.matrices.view.arch.transposed)
                 base.solvers[layer].fold(k.to(base.states[layer].c0.device).double())
 
     def clear(self) -> None:
@@ -146,6 +144,7 @@ class History:
                 self.matrices.put(layer, w)  # (the model's weight: a master rounded)
                 st = base.states[layer]
                 states[layer].s = None if st.s is None else st.s.clone()
+                states[layer].extra = {k: t.clone() for k, t in st.extra.items()}
                 solvers[layer] = base.solvers[layer].copy(states[layer])
         self.batches = []
         return solvers
@@ -157,6 +156,7 @@ class History:
         if states is not None:
             for st in states.values():
                 st.s = None
+                st.extra = {}
         return {}
 
     # ------------------------------------------------------------------ save / load
@@ -191,6 +191,7 @@ class History:
             st = LayerState(c0=states[layer].c0)
             if "S" in entry:
                 st.s = entry["S"].to(sdev, torch.float64).clone()
+            st.extra = {k[2:]: t.to(sdev).clone() for k, t in entry.items() if k[:2] == "x."}
             bstates[layer] = st
             inv = entry.get("inv")
             kept = inv is not None and layer in saved.counters

@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 
+from encore_fast.config import EditConfig
 from encore_fast.errors import EditorConflictError
 from encore_fast.kernels import apply_lowrank_update_
+from encore_fast.methods import LayerState, UpdateContext
 from encore_fast.models.arch import ModelView
 
 _HOLDERS: weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref[Any]] = (
@@ -61,19 +63,26 @@ class EditedMatrices:
         return self.masters.get(layer, self.view.weight(layer))
 
     @torch.no_grad()
-    def apply(self, layer: int, u: torch.Tensor, v: torch.Tensor) -> tuple[float, float]:
-        """``W += U Vᵀ``: in the weight's own dtype, or on the master in fp32, writing the
-        model's weight rounded in the same pass; returns ‖W‖ after it and ‖Δ‖."""
+    def apply(self, layer: int, u: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor | None = None) -> tuple[float, float]:
+        """``W += U Vᵀ`` (``M ⊙ U Vᵀ`` with a ``mask``): in the weight's own dtype, or on the
+        master in fp32, writing the model's weight rounded in the same pass; returns ‖W‖ after
+        it and ‖Δ‖."""
         w = self.view.weight(layer)
-        dev = w.device
         master = self.masters.get(layer)
-        if master is None:
-            norms = apply_lowrank_update_(w.data, u.to(dev), v.to(dev),
-                                          transposed=self.view.arch.transposed)
-        else:
-            norms = apply_lowrank_update_(master, u.to(dev), v.to(dev),
-                                          transposed=self.view.arch.transposed, out=w.data)
-        return float(norms[0]), float(norms[1])
+        return apply_update_(w.data if master is None else master, u, v, mask,
+                             self.view.arch.transposed, out=None if master is None else w.data)
+
+    def out_in(self, layer: int, original: bool = False) -> torch.Tensor:
+        """The edited (or ``original``) matrix of ``layer`` as ``[d_out, d_in]`` fp32."""
+        w = (self.original[layer] if original else self.edited(layer)).detach().float()
+        return w.T if self.view.arch.transposed else w
+
+    def update_context(self, layer: int, state: LayerState, cfg: EditConfig,
+                       keys: torch.Tensor) -> UpdateContext:
+        """What an update transform of ``layer`` reads (:class:`UpdateContext`)."""
+        return UpdateContext(layer, self.out_in(layer), self.out_in(layer, original=True),
+                             state, cfg, keys)
 
     @torch.no_grad()
     def put(self, layer: int, w: torch.Tensor) -> None:
@@ -81,3 +90,21 @@ class EditedMatrices:
         if layer in self.masters:
             self.masters[layer].copy_(w)
         self.view.weight(layer).data.copy_(w)
+
+
+@torch.no_grad()
+def apply_update_(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                  transposed: bool, out: torch.Tensor | None = None) -> tuple[float, float]:
+    """``w += U Vᵀ`` through the kernel dispatch, or ``w += M ⊙ (U Vᵀ)`` densely in fp32 for a
+    masked update (``mask``: ``[d_out, d_in]`` bool); ``out`` receives ``w`` rounded to its
+    dtype. Returns ‖w‖ after it and ‖Δ‖. The one place an update is added to a matrix."""
+    dev = w.device
+    u, v = u.to(dev), v.to(dev)
+    if mask is None:
+        norms = apply_lowrank_update_(w, u, v, transposed=transposed, out=out)
+        return float(norms[0]), float(norms[1])
+    delta = (u.float() @ v.float().T) * mask.to(dev)
+    w.add_((delta.T if transposed else delta).to(w.dtype))
+    if out is not None:
+        out.copy_(w)
+    return float(w.float().norm()), float(delta.norm())

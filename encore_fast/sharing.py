@@ -64,14 +64,14 @@ def update_from_main(group: Group | None, reqs: list[EditRequest], solve: Callab
         except Exception as exc:
             group.broadcast(("error", f"{type(exc).__name__}: {exc}"), what)
             raise
-        group.broadcast(("ok", (batch.factors, w_norms, d_norms)), what)
+        group.broadcast(("ok", (batch.factors, batch.masks, w_norms, d_norms)), what)
         return batch, keys64, w_norms, d_norms
     status, payload = group.broadcast(None, what)
     if status == "error":
         raise EditError(f"rank {group.rank}: {what} failed on rank 0 (nothing was changed "
                         f"on any rank): {payload}")
-    factors, w_norms, d_norms = payload
-    batch = Batch(requests=list(reqs), factors=factors)
+    factors, masks, w_norms, d_norms = payload
+    batch = Batch(requests=list(reqs), factors=factors, masks=masks)
     return batch, apply_factors(batch), w_norms, d_norms
 
 

@@ -61,7 +61,7 @@ def test_registered_rule_runs_on_both_engines_and_equals_encore_without_mpes(
 
 
 def test_register_refuses_what_is_not_a_rule_or_a_taken_name():
-    with pytest.raises(ConfigError, match="UpdateRule subclass"):
+    with pytest.raises(ConfigError, match="UpdateRule, ValueTransform or UpdateTransform subclass"):
         register(object)  # type: ignore[arg-type]
 
     class Taken(MemitSequential):

@@ -90,7 +90,7 @@ def run_sequential(
     folder.refuse_reuse(resume)  # before a model is loaded
     ed = _fresh_editor(editor)  # (a bad setting fails here: nothing written yet)
     config = json_safe({
-        "method": getattr(ed, "method", None), "hparams": getattr(ed, "hparams", None),
+        "method": getattr(ed, "method", None), "hparams": _settings(ed),
         "num_edits": n, "batch_size": batch_size, "eval_every": eval_every,
         "stream_sha256": stream_hash(stream), "settings": settings.as_config(),
         "run_info": dict(run_info or {}), "provenance": [stamp(device=_device(ed))],
@@ -114,6 +114,12 @@ def run_sequential(
     if make_plots:
         _plot(folder.path)
     return folder.results
+
+
+def _settings(ed: Any) -> Any:
+    """The editor's settings as its edits file stores them (own settings only when any)."""
+    hparams = getattr(ed, "hparams", None)
+    return hparams.to_dict() if hasattr(hparams, "to_dict") else hparams
 
 
 def check_stop(stop_on_collapse: bool, settings: EvalSettings) -> None:

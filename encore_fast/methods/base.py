@@ -9,6 +9,7 @@ per-layer state (``C0``, the sequential sum ``S`` of earlier keys, AlphaEdit's p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
@@ -22,6 +23,9 @@ class LayerState:
     c0: torch.Tensor  # [d_in, d_in] E[k kᵀ] of the original model
     s: torch.Tensor | None = None  # [d_in, d_in] Σ K Kᵀ of earlier batches
     cache: dict[str, torch.Tensor] = field(default_factory=dict)  # derived, e.g. the projector
+    # state a method changes after every batch (EvoEdit's projector): saved with the edits,
+    # restored by undo and reset, and advanced by ``after_batch`` from the batch's keys alone
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def d_in(self) -> int:
@@ -34,7 +38,25 @@ class LayerState:
         return self.s
 
 
-class UpdateRule:
+class Part:
+    """What every registered method part declares: ``name``; ``own``, its own settings and
+    their defaults (read with :meth:`opts`; set as ``name.setting=value``); ``presets``, per
+    model preset, values of its own settings and of :class:`EditConfig` fields."""
+
+    name = "base"
+    own: ClassVar[dict[str, Any]] = {}
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @staticmethod
+    def check_settings(settings: dict[str, Any]) -> None:
+        """Raise :class:`ConfigError` naming a bad value among the part's own settings."""
+
+    def opts(self, cfg: EditConfig) -> dict[str, Any]:
+        """This part's own settings in ``cfg`` (defaults filled in by ``make_config``)."""
+        return {**self.own, **cfg.method_settings.get(self.name, {})}
+
+
+class UpdateRule(Part):
     """Base class: a rule states its linear system once; both engines solve it.
 
     The system of a batch with keys ``K`` is ``(base_matrix + rhs(K) Kᵀ) V = rhs(K)``, with
@@ -46,13 +68,21 @@ class UpdateRule:
     Class attributes describe the method for the registry: ``name``, ``preset`` (the preset
     family whose settings it starts from: ``"memit"``, ``"encore"`` or ``"alphaedit"``),
     ``mpes`` (whether MPES is on by default), ``sequential`` (whether ``S`` accumulates).
+    A rule that is no such system overrides :meth:`solve` and sets ``woodbury = False`` (both
+    engines then call its solve); ``small_shift`` is the diagonal of the batch's ``n × n``
+    system (``I`` for MEMIT; EMMET's ``λ_e``).
     """
 
-    name = "base"
     preset = "memit"
     mpes = False
     sequential = True
     symmetric = True
+    woodbury = True
+
+    def small_shift(self, n: int, cfg: EditConfig) -> float:
+        """``c`` in ``V = G (c I + Kᵀ G)⁻¹``, ``G = base⁻¹ rhs(K)`` (1: the batch's own keys
+        enter the system like the earlier ones)."""
+        return 1.0
 
     def base_matrix(self, state: LayerState, cfg: EditConfig) -> torch.Tensor:
         """The matrix of the system without this batch's keys (float64, ``[d_in, d_in]``)."""
@@ -71,7 +101,8 @@ class UpdateRule:
         return torch.linalg.solve(self.base_matrix(state, cfg) + rhs @ keys.T, rhs)
 
     def after_batch(self, keys: torch.Tensor, state: LayerState) -> None:
-        """Fold this batch's keys into ``S`` (sequential methods)."""
+        """Fold this batch's keys into ``S`` (sequential methods); a rule with state of its
+        own (``state.extra``) advances it here, from the keys alone, so replay can redo it."""
         if self.sequential:
             state.seq().addmm_(keys, keys.T)
 

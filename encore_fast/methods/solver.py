@@ -96,6 +96,10 @@ class WoodburySolver:
         """``V`` with ``Δ = R Vᵀ`` for keys ``[d_in, n]`` (float64). Changes nothing: the batch
         is folded in by :meth:`after_batch` (or dropped by :meth:`discard`)."""
         g, small = self._prepare(keys)
+        shift = self.rule.small_shift(keys.shape[1], self.cfg)
+        if shift != 1.0:  # (EMMET: λ_e I + KᵀG; the fold keeps I + KᵀG)
+            small = shift * torch.eye(keys.shape[1], dtype=keys.dtype,
+                                      device=keys.device) + keys.T @ g
         return torch.linalg.solve(small.T, g.T).T  # G small⁻¹
 
     def commit(self, keys: torch.Tensor) -> None:
