@@ -20,6 +20,7 @@ from encore_fast.cli_common import (
     check_out_file,
     check_settings,
     error_line,
+    method_help,
     non_negative_int,
     positive_int,
 )
@@ -35,7 +36,7 @@ from encore_fast.eval.cli import (
     run_eval_snapshots,
 )
 from encore_fast.export import GGUF_TYPES
-from encore_fast.methods import RULES
+from encore_fast.methods import MethodNames
 from encore_fast.models.dtypes import DTYPES
 from encore_fast.models.loading import pad_id
 from encore_fast.requests import EditRequest, read_requests_file, validate_requests
@@ -244,8 +245,8 @@ def _data_parser(sub: Any) -> None:
 def _model_args(parser: argparse.ArgumentParser) -> None:
     """The model options (shared with ``eval``) and ``--method``."""
     add_model_options(parser)
-    parser.add_argument("--method", default="encore", choices=sorted(RULES),
-                        help="editing method (default: encore)")
+    parser.add_argument("--method", default="encore", choices=MethodNames(),
+                        metavar="METHOD", help=method_help())
 
 
 def build_parser() -> argparse.ArgumentParser:

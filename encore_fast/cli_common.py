@@ -19,6 +19,7 @@ from encore_fast.editor import ENGINES
 from encore_fast.errors import ConfigError, EncoreFastError
 from encore_fast.eval.datasets import DatasetError
 from encore_fast.eval.results import RunConfigError
+from encore_fast.methods import ALIASES, RULES, TRANSFORMS, canonical
 from encore_fast.models.dtypes import DTYPES
 from encore_fast.models.loading import BUNDLED_NAMES
 from encore_fast.stats import load_corpus
@@ -91,7 +92,7 @@ def check_settings(model: str | None, method: str, preset: str | None,
     are known without the model)."""
     if preset == "auto":
         preset = guess_preset("smollm2-135m" if model is None else str(model))
-    return make_config(method, preset, None, **overrides)
+    return make_config(canonical(method), preset, None, **overrides)
 
 
 def _looks_like_path(text: str) -> bool:
@@ -151,3 +152,10 @@ def check_out_file(path: str | Path, overwrite: bool) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise ConfigError(f"--out {path}: {parent} is not a folder")
+
+
+def method_help() -> str:
+    """``--method``'s help: the registered rules, transforms and aliases, and how to compose."""
+    return (f"editing method (default: encore): a rule ({', '.join(sorted(RULES))}), an alias "
+            f"({', '.join(f'{a} = {m}' for a, m in sorted(ALIASES.items()))}) or a rule joined "
+            f"with transforms ({', '.join(sorted(TRANSFORMS))}) by '+', e.g. alphaedit+nas")

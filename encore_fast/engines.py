@@ -60,14 +60,15 @@ class Engine:
         with this engine's value optimisation for the statistics it computes once."""
         view, tok, cfg = editor.view, editor.tokenizer, editor.hparams
 
-        def optimize(rs: Sequence[EditRequest], contexts: list[str]) -> list[ValueResult]:
-            return self.values(view, tok, rs, contexts, PromptTokens(tok), cfg)
+        def optimize(rs: Sequence[EditRequest], contexts: list[str],
+                     settings: EditConfig) -> list[ValueResult]:
+            return self.values(view, tok, rs, contexts, PromptTokens(tok), settings)
 
         cache = editor.stats_cache
         where = None if cache is False else Path(cache) if cache not in (None, True) else (
             cache_dir())
         return ValueContext(view, tok, reqs, values, cfg, optimize, editor.fingerprint, where,
-                            editor.progress)
+                            editor.num_batches > 0, editor.progress)
 
     def reuse_below(self, layers: Sequence[int]) -> int | None:
         """Below which block the key passes may reuse outputs within a batch (None: never)."""

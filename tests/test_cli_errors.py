@@ -246,7 +246,7 @@ def test_eval_text_too_short_for_a_window_writes_no_run_folder(tiny_dir, tmp_pat
 
 def test_every_option_has_help_and_methods_come_from_the_registry():
     from encore_fast.editor import ENGINES
-    from encore_fast.methods import RULES
+    from encore_fast.methods import ALIASES, RULES
 
     parser = build_parser()
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -262,7 +262,9 @@ def test_every_option_has_help_and_methods_come_from_the_registry():
         if name == "eval-snapshots":  # evaluates a run folder: its method is the run's
             continue
         method = next(a for a in sub._actions if a.dest == "method")
-        assert sorted(method.choices) == sorted(RULES), name
+        assert sorted(method.choices) == sorted([*RULES, *ALIASES]), name
+        assert "alphaedit+nas" in method.choices and "nas+alphaedit" in method.choices
+        assert "nas+rect+nas" not in method.choices and "encore+memit" not in method.choices
     assert "memit-seq" in RULES
     args = parser.parse_args(["eval", "--method", "memit-seq"])
     assert args.method == "memit-seq"

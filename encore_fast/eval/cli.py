@@ -26,6 +26,7 @@ from encore_fast.cli_common import (  # (positive_int, non_negative_int: also re
     check_settings,
     error_line,
     int_at_least,
+    method_help,
     non_negative_int,
     positive_int,
 )
@@ -55,7 +56,7 @@ from encore_fast.eval.run import (
 )
 from encore_fast.eval.seam import Option, data_file
 from encore_fast.eval.settings import FIELDS, SAMPLINGS, STUDY
-from encore_fast.methods import RULES
+from encore_fast.methods import MethodNames
 from encore_fast.models.dtypes import DTYPES
 from encore_fast.models.loading import load_model
 from encore_fast.requests import validate_requests
@@ -143,8 +144,8 @@ def _add_option(group: Any, option: Option) -> None:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """All options of ``encore-fast eval``."""
-    parser.add_argument("--method", default="encore", choices=sorted(RULES),
-                        help="editing method (default: encore)")
+    parser.add_argument("--method", default="encore", choices=MethodNames(),
+                        metavar="METHOD", help=method_help())
     parser.add_argument("--out", default=None, help="run folder (default: runs/<method>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     parser.add_argument("--stop-on-collapse", action="store_true",

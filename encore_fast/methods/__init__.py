@@ -21,6 +21,7 @@ from encore_fast.methods.alphaedit import AlphaEdit, null_space_projector
 from encore_fast.methods.base import LayerState, Part, UpdateRule, eye_like
 from encore_fast.methods.encore import Encore
 from encore_fast.methods.memit import Memit, MemitSequential
+from encore_fast.methods.nas import Nas
 from encore_fast.methods.transforms import (
     LowRankUpdate,
     UpdateContext,
@@ -55,10 +56,9 @@ def register(part: type[Part], *, replace: bool = False) -> type[Part]:
         raise ConfigError(f"{part.__name__}.preset must be one of {PRESET_FAMILIES}, got "
                           f"{family!r}")
     taken = RULES.get(name) or TRANSFORMS.get(name)
-    if (taken is not None and taken is not part and not replace) or name in ALIASES:
+    if taken is not None and taken is not part and not replace:
         raise ConfigError(f"a method called {name!r} is already registered "
-                          f"({getattr(taken, '__name__', ALIASES.get(name))}); pass "
-                          "replace=True to replace it")
+                          f"({taken.__name__}); pass replace=True to replace it")
     check = part.check_settings if part.check_settings is not Part.check_settings else None
     declare_method(name, MethodSettings(
         preset_family=family, mpes=bool(getattr(part, "mpes", False)), kind=kind,
@@ -143,11 +143,12 @@ class MethodNames:
         return True
 
 
-for _part in (Encore, Memit, MemitSequential, AlphaEdit):
+for _part in (Encore, Memit, MemitSequential, AlphaEdit, Nas):
     register(_part)
+ALIASES.update({"nas": "alphaedit+nas"})
 
 __all__ = ["ALIASES", "RULES", "TRANSFORMS", "AlphaEdit", "Encore", "LayerState",
-           "LowRankUpdate", "Memit", "MemitSequential", "Method", "MethodNames", "Part",
+           "LowRankUpdate", "Memit", "MemitSequential", "Nas", "Method", "MethodNames", "Part",
            "UpdateContext", "UpdateRule", "UpdateTransform", "ValueContext", "ValueTransform",
            "build_method", "canonical", "eye_like", "get_rule", "null_space_projector",
            "register", "unregister"]

@@ -46,18 +46,20 @@ class LowRankUpdate:
 @dataclass
 class ValueContext:
     """What a value transform may read about a batch: the model (unchanged by the batch so
-    far), its requests and their optimised values, the settings, the last edited ``layer``,
-    and ``optimize(requests, contexts)``, the engine's value optimisation (for statistics a
-    transform computes once per model, cached under ``cache`` by model ``fingerprint``)."""
+    far; ``edited``: by earlier batches), its requests and their optimised values, the
+    settings, the last edited ``layer``, and ``optimize(requests, contexts, cfg)``, the
+    engine's value optimisation (for statistics a transform computes once per model, cached
+    under ``cache`` by model ``fingerprint``)."""
 
     view: ModelView
     tokenizer: Any
     requests: Sequence[EditRequest]
     values: Sequence[Any]  # ValueResult per request (z, h0, ...)
     cfg: EditConfig
-    optimize: Callable[[Sequence[EditRequest], list[str]], list[Any]]
+    optimize: Callable[[Sequence[EditRequest], list[str], EditConfig], list[Any]]
     fingerprint: str
     cache: Path | None
+    edited: bool = False
     progress: bool = False
 
     @property

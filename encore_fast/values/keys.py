@@ -79,7 +79,8 @@ class SubjectForwards:
     @torch.no_grad()
     def _run(self, rows: _Chunks, kind: str, layer: int) -> list[torch.Tensor]:
         """Run every chunk up to block ``layer`` and read, at the lookup positions, the input
-        of its edited matrix (``kind="mlp_in"``) or its output (``kind="block_out"``)."""
+        of its edited matrix (``kind="mlp_in"``), the edited matrix's output (``"mlp_out"``) or
+        the block's output (``kind="block_out"``)."""
         view, out = self.view, []
         captured: dict[str, torch.Tensor] = {}
         reuse = self.reuse_below
@@ -97,6 +98,9 @@ class SubjectForwards:
             if kind == "mlp_in":
                 handles.append(view.mlp_out(layer).register_forward_pre_hook(
                     lambda _m, args: captured.__setitem__("h", args[0])))
+            elif kind == "mlp_out":
+                handles.append(view.mlp_out(layer).register_forward_hook(
+                    lambda _m, _a, output: captured.__setitem__("h", output)))
             else:
                 handles.append(view.blocks[layer].register_forward_hook(
                     lambda _m, _a, output: captured.__setitem__("h", block_hidden(output))))
@@ -131,6 +135,11 @@ class SubjectForwards:
     def block_outputs(self, layer: int) -> torch.Tensor:
         """Output ``[n, d_model]`` (fp32) of block ``layer`` at each raw prompt's subject."""
         return torch.cat(self._run(self.raw_rows, "block_out", layer))
+
+    def mlp_outputs(self, layer: int) -> torch.Tensor:
+        """Output ``[n, d_model]`` (fp32) of ``layer``'s edited matrix (the MLP's output) at
+        each raw prompt's subject."""
+        return torch.cat(self._run(self.raw_rows, "mlp_out", layer))
 
 
 def compute_keys(view: ModelView, tokenizer: Any, requests: Sequence[EditRequest],
