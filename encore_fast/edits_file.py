@@ -280,10 +280,12 @@ def _read_mask(path: Path, packed: torch.Tensor, w_shape: tuple[int, ...],
 
 def check_update(layer: int, keys: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
                  w_shape: tuple[int, ...], transposed: bool, n: int | None = None) -> None:
-    """Raise :class:`EditError` unless ``Δ = U Vᵀ`` fits the weight and all are finite."""
+    """Raise :class:`EditError` unless ``Δ = U Vᵀ`` fits the weight and all are finite (``U``,
+    ``V`` of rank ``r``: the batch's ``n`` keys, and more where a transform added terms)."""
     d_out, d_in = (w_shape[1], w_shape[0]) if transposed else (w_shape[0], w_shape[1])
-    n = u.shape[-1] if n is None else n
-    want = {"U": (d_out, n), "V": (d_in, n), "K": (n, d_in)}
+    n = keys.shape[0] if n is None else n
+    r = u.shape[-1]
+    want = {"U": (d_out, r), "V": (d_in, r), "K": (n, d_in)}
     for name, t in (("U", u), ("V", v), ("K", keys)):
         if tuple(t.shape) != want[name]:
             raise EditError(f"layer {layer}: {name} has shape {tuple(t.shape)}, expected "

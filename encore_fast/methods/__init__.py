@@ -22,6 +22,7 @@ from encore_fast.methods.base import LayerState, Part, UpdateRule, eye_like
 from encore_fast.methods.encore import Encore
 from encore_fast.methods.memit import Memit, MemitSequential
 from encore_fast.methods.nas import Nas
+from encore_fast.methods.prune import Prune
 from encore_fast.methods.transforms import (
     LowRankUpdate,
     UpdateContext,
@@ -143,12 +144,13 @@ class MethodNames:
         return True
 
 
-for _part in (Encore, Memit, MemitSequential, AlphaEdit, Nas):
+for _part in (Encore, Memit, MemitSequential, AlphaEdit, Nas, Prune):
     register(_part)
-ALIASES.update({"nas": "alphaedit+nas"})
+ALIASES.update({"nas": "alphaedit+nas", "prune": "memit-seq+prune"})
 
 __all__ = ["ALIASES", "RULES", "TRANSFORMS", "AlphaEdit", "Encore", "LayerState",
-           "LowRankUpdate", "Memit", "MemitSequential", "Nas", "Method", "MethodNames", "Part",
+           "LowRankUpdate", "Memit", "MemitSequential", "Method", "MethodNames", "Nas", "Part",
+           "Prune",
            "UpdateContext", "UpdateRule", "UpdateTransform", "ValueContext", "ValueTransform",
            "build_method", "canonical", "eye_like", "get_rule", "null_space_projector",
            "register", "unregister"]
