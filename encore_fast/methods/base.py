@@ -78,6 +78,16 @@ class UpdateRule(Part):
     sequential = True
     symmetric = True
     woodbury = True
+    direct = False  # (True: no value optimisation; the rule's ``updates`` give every site's Δ)
+    uses_c0 = True
+
+    def sites(self, cfg: EditConfig) -> list[Any]:
+        """The matrices it edits (``models.arch.Site``): the MLP outputs of ``cfg.layers``."""
+        return list(cfg.layers)
+
+    def record_shape(self, n: int, d_in: int, d_out: int) -> tuple[int, int]:
+        """The shape of what a batch leaves per site for ``after_batch``: its keys."""
+        return (n, d_in)
 
     def small_shift(self, n: int, cfg: EditConfig) -> float:
         """``c`` in ``V = G (c I + Kᵀ G)⁻¹``, ``G = base⁻¹ rhs(K)`` (1: the batch's own keys

@@ -1,8 +1,14 @@
 """Every architecture fact the editor needs, in one place.
 
 For each supported model family: where the decoder blocks are, which matrix is edited (the
-MLP output projection), whether its weight is stored transposed (GPT-2's Conv1D), and where the
-final norm and the LM head are. Anything else can be described by hand with :class:`ArchSpec`.
+MLP output projection), which other linear modules a method may edit (``linears``: the MLP's
+gate and up projections), whether their weights are stored transposed (GPT-2's Conv1D), and
+where the final norm and the LM head are. Anything else can be described by hand with
+:class:`ArchSpec`.
+
+An edited matrix is a *site*: an ``int`` is the MLP output projection of that block (what the
+MEMIT family edits); ``"NAME.LAYER"`` (``"mlp_gate.10"``) is the module ``linears[NAME]`` of
+that block.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ class ArchSpec:
     """Module paths (dotted, relative to the model) for one architecture.
 
     ``mlp_out`` is relative to a decoder block. ``transposed`` means the edited weight is
-    stored as ``[d_in, d_out]`` (``W_stored = Wᵀ``), as GPT-2's ``Conv1D`` does.
+    stored as ``[d_in, d_out]`` (``W_stored = Wᵀ``), as GPT-2's ``Conv1D`` does. ``linears``:
+    other editable linear modules of a block, ``(name, path)`` pairs (``"mlp_gate"``,
+    ``"mlp_up"``), stored like ``mlp_out``.
     """
 
     blocks: str
@@ -31,9 +39,14 @@ class ArchSpec:
     final_norm: str
     lm_head: str
     transposed: bool = False
+    linears: tuple[tuple[str, str], ...] = ()
 
 
-_LLAMA = ArchSpec("model.layers", "mlp.down_proj", "model.norm", "lm_head")
+Site = int | str
+"""An edited matrix: a block's MLP output projection (``int``), or ``"NAME.LAYER"``."""
+
+_LLAMA = ArchSpec("model.layers", "mlp.down_proj", "model.norm", "lm_head",
+                  linears=(("mlp_gate", "mlp.gate_proj"), ("mlp_up", "mlp.up_proj")))
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA,
@@ -43,10 +56,13 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma": _LLAMA,
     "gemma2": _LLAMA,
     "phi3": ArchSpec("model.layers", "mlp.down_proj", "model.norm", "lm_head"),
-    "gpt2": ArchSpec("transformer.h", "mlp.c_proj", "transformer.ln_f", "lm_head", True),
-    "gptj": ArchSpec("transformer.h", "mlp.fc_out", "transformer.ln_f", "lm_head"),
+    "gpt2": ArchSpec("transformer.h", "mlp.c_proj", "transformer.ln_f", "lm_head", True,
+                     linears=(("mlp_up", "mlp.c_fc"),)),
+    "gptj": ArchSpec("transformer.h", "mlp.fc_out", "transformer.ln_f", "lm_head",
+                     linears=(("mlp_up", "mlp.fc_in"),)),
     "gpt_neox": ArchSpec("gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm",
-                         "lm_head"),  # transformers < 5 called it "embed_out"
+                         "lm_head", linears=(("mlp_up", "mlp.dense_h_to_4h"),)),
+    # (transformers < 5 called the last one's head "embed_out")
 }
 
 
@@ -96,22 +112,34 @@ class ModelView:
         self._check_layer(layer)
         return self.blocks[layer].get_submodule(self.arch.mlp_out)
 
-    def weight(self, layer: int) -> torch.Tensor:
+    def linear(self, site: Site) -> nn.Module:
+        """The module of an edited ``site``: ``layer`` (the MLP output) or ``"NAME.LAYER"``."""
+        if isinstance(site, int):
+            return self.mlp_out(site)
+        name, _, layer = str(site).rpartition(".")
+        paths = dict(self.arch.linears)
+        if name not in paths or not layer.isdigit():
+            raise ValueError(f"site {site!r}: expected a layer number or NAME.LAYER with NAME "
+                             f"one of {sorted(paths)} (this architecture's linears)")
+        self._check_layer(int(layer))
+        return self.blocks[int(layer)].get_submodule(paths[name])
+
+    def weight(self, layer: Site) -> torch.Tensor:
         """The edited weight as stored (``[d_out, d_in]``, or ``[d_in, d_out]`` if transposed);
         for a layer accelerate offloaded to CPU, the stored tensor its hook loads from."""
-        return stored_tensor(self.mlp_out(layer), "weight")
+        return stored_tensor(self.linear(layer), "weight")
 
-    def layer_device(self, layer: int) -> torch.device:
+    def layer_device(self, layer: Site) -> torch.device:
         """The device ``layer``'s edited matrix computes on (its keys and solver state live
         there): that of its weight, or its accelerate hook's execution device."""
-        return execution_device(self.mlp_out(layer))
+        return execution_device(self.linear(layer))
 
-    def weight_out_in(self, layer: int) -> torch.Tensor:
+    def weight_out_in(self, layer: Site) -> torch.Tensor:
         """The edited weight as a ``[d_out, d_in]`` view (no copy)."""
         w = self.weight(layer)
         return w.t() if self.arch.transposed else w
 
-    def d_in(self, layer: int) -> int:
+    def d_in(self, layer: Site) -> int:
         return self.weight_out_in(layer).shape[1]
 
     @property

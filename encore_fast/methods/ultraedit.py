@@ -1,0 +1,77 @@
+"""UltraEdit: lifelong edits with no per-fact optimisation (Gu et al., arXiv 2505.14679).
+
+Per batch, one forward+backward pass per group of ``group_size`` requests gives, at each edited
+module and answer token, its input ``k`` and the gradient ``g`` of the answer tokens' loss at
+its output (:mod:`encore_fast.values.gradients`). ``[k; g]`` is normalised by a running
+mean/std kept over the whole stream (this batch's rows folded in first, never reset):
+``[k̂; ĝ]``; the pseudo-values are ``v = −lr · ‖k̂‖² · ĝ`` and, with the raw keys as rows of
+``K`` ``[N, d_in]`` and ``V`` ``[N, d_out]``, ``Δ = Vᵀ K (KᵀK + I)⁻¹ = Vᵀ (K Kᵀ + I)⁻¹ K``
+(the ``N × N`` form). No ``C0``, no ``S``. Modules: gate projections of ``gate_layers`` and up
+projections of ``up_layers`` (sites ``"mlp_gate.L"``, ``"mlp_up.L"``). The official code shares
+one normaliser between modules of the same shape; here each module has its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from encore_fast.errors import ConfigError
+from encore_fast.methods.base import LayerState, UpdateRule
+from encore_fast.methods.normaliser import fold, normalised, record
+from encore_fast.methods.transforms import LowRankUpdate
+from encore_fast.values.gradients import answer_rows
+
+
+class UltraEdit(UpdateRule):
+    name = "ultraedit"
+    direct, uses_c0, sequential, woodbury = True, False, False, False
+    own: dict[str, Any] = {"lr": 1e-6, "group_size": 10, "gate_layers": [11, 12, 13, 14, 15],
+                           "up_layers": [18, 19, 20, 21, 22, 23, 24]}
+    presets = {"smollm2-135m": {"gate_layers": [10, 11, 12, 13, 14],
+                                "up_layers": [17, 18, 19, 20, 21, 22]}}
+
+    @staticmethod
+    def check_settings(opts: dict[str, Any]) -> None:
+        if not (isinstance(opts["lr"], (int, float)) and opts["lr"] > 0):
+            raise ConfigError(f"ultraedit.lr must be a number > 0, got {opts['lr']!r}")
+        if isinstance(opts["group_size"], bool) or not isinstance(opts["group_size"], int) \
+                or opts["group_size"] < 1:
+            raise ConfigError(f"ultraedit.group_size must be an integer >= 1, got "
+                              f"{opts['group_size']!r}")
+        layers = [*opts["gate_layers"], *opts["up_layers"]]
+        if not layers or not all(isinstance(x, int) and x >= 0 for x in layers):
+            raise ConfigError("ultraedit.gate_layers / up_layers must be lists of layer "
+                              f"numbers (not both empty), got {opts['gate_layers']!r}, "
+                              f"{opts['up_layers']!r}")
+
+    def sites(self, cfg: Any) -> list[Any]:
+        o = self.opts(cfg)
+        return ([f"mlp_gate.{l}" for l in o["gate_layers"]]
+                + [f"mlp_up.{l}" for l in o["up_layers"]])
+
+    def updates(self, view: Any, tokenizer: Any, reqs: Any, states: dict[Any, LayerState],
+                cfg: Any) -> dict[Any, tuple[torch.Tensor, LowRankUpdate]]:
+        """Every site's update and its batch record (the statistics its normaliser folds)."""
+        o = self.opts(cfg)
+        out = {}
+        for site, (k, g) in answer_rows(view, tokenizer, reqs, self.sites(cfg),
+                                        o["group_size"]).items():
+            rec = record(torch.cat([k, g], 1))
+            kg = normalised(torch.cat([k, g], 1), fold(states[site].extra, rec))
+            k_hat, g_hat = kg.split([k.shape[1], g.shape[1]], 1)
+            v = (-o["lr"] * (k_hat * k_hat).sum(1, keepdim=True)) * g_hat
+            k64 = k.double()
+            small = k64 @ k64.T + torch.eye(k.shape[0], dtype=torch.float64)
+            out[site] = (rec, LowRankUpdate(v.T.float().contiguous(),
+                                            torch.linalg.solve(small, k64).T.float().contiguous()))
+        return out
+
+    def record_shape(self, n: int, d_in: int, d_out: int) -> tuple[int, int]:
+        """A batch's record per site: its ``[k; g]`` statistics, not its keys."""
+        return (3, d_in + d_out)
+
+    def after_batch(self, keys: torch.Tensor, state: LayerState) -> None:
+        """Fold the batch's record (``keys``: its statistics, ``[d_in + d_out, 3]``)."""
+        state.extra.update(fold(state.extra, keys.T.to(torch.float32)))
