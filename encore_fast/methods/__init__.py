@@ -19,8 +19,11 @@ from encore_fast.config import (
 from encore_fast.errors import ConfigError
 from encore_fast.methods.alphaedit import AlphaEdit, null_space_projector
 from encore_fast.methods.base import LayerState, Part, UpdateRule, eye_like
+from encore_fast.methods.emmet import Emmet
 from encore_fast.methods.encore import Encore
+from encore_fast.methods.evoedit import EvoEdit
 from encore_fast.methods.memit import Memit, MemitSequential
+from encore_fast.methods.rlsedit import RLSEdit
 from encore_fast.methods.transforms import (
     LowRankUpdate,
     UpdateContext,
@@ -143,11 +146,12 @@ class MethodNames:
         return True
 
 
-for _part in (Encore, Memit, MemitSequential, AlphaEdit):
+for _part in (Encore, Memit, MemitSequential, AlphaEdit, Emmet, EvoEdit, RLSEdit):
     register(_part)
 
-__all__ = ["ALIASES", "RULES", "TRANSFORMS", "AlphaEdit", "Encore", "LayerState",
-           "LowRankUpdate", "Memit", "MemitSequential", "Method", "MethodNames", "Part",
+__all__ = ["ALIASES", "RULES", "TRANSFORMS", "AlphaEdit", "Emmet", "Encore", "EvoEdit",
+           "LayerState", "LowRankUpdate", "Memit", "MemitSequential", "Method", "MethodNames",
+           "Part", "RLSEdit",
            "UpdateContext", "UpdateRule", "UpdateTransform", "ValueContext", "ValueTransform",
            "build_method", "canonical", "eye_like", "get_rule", "null_space_projector",
            "register", "unregister"]
