@@ -55,8 +55,8 @@ class Counted(MemitSequential):
         t = state.extra.get("t", torch.zeros((), dtype=torch.float64))
         return super().solve(keys, resid, state, cfg) / (1 + float(t) / 10)
 
-    def after_batch(self, keys, state: LayerState) -> None:
-        super().after_batch(keys, state)
+    def after_batch(self, keys, state: LayerState, cfg=None) -> None:
+        super().after_batch(keys, state, cfg)
         t = state.extra.get("t", torch.zeros((), dtype=torch.float64))
         state.extra["t"] = t + keys.shape[1]
 

@@ -19,10 +19,13 @@ from encore_fast.config import (
 from encore_fast.errors import ConfigError
 from encore_fast.methods.alphaedit import AlphaEdit, null_space_projector
 from encore_fast.methods.base import LayerState, Part, UpdateRule, eye_like
+from encore_fast.methods.emmet import Emmet
 from encore_fast.methods.encore import Encore
+from encore_fast.methods.evoedit import EvoEdit
 from encore_fast.methods.memit import Memit, MemitSequential
 from encore_fast.methods.nas import Nas
 from encore_fast.methods.prune import Prune
+from encore_fast.methods.rlsedit import RLSEdit
 from encore_fast.methods.transforms import (
     LowRankUpdate,
     UpdateContext,
@@ -144,13 +147,13 @@ class MethodNames:
         return True
 
 
-for _part in (Encore, Memit, MemitSequential, AlphaEdit, Nas, Prune):
+for _part in (Encore, Memit, MemitSequential, AlphaEdit, Emmet, EvoEdit, RLSEdit, Nas, Prune):
     register(_part)
 ALIASES.update({"nas": "alphaedit+nas", "prune": "memit-seq+prune"})
 
-__all__ = ["ALIASES", "RULES", "TRANSFORMS", "AlphaEdit", "Encore", "LayerState",
-           "LowRankUpdate", "Memit", "MemitSequential", "Method", "MethodNames", "Nas", "Part",
-           "Prune",
+__all__ = ["ALIASES", "RULES", "TRANSFORMS", "AlphaEdit", "Emmet", "Encore", "EvoEdit",
+           "LayerState", "LowRankUpdate", "Memit", "MemitSequential", "Method", "MethodNames",
+           "Nas", "Part", "Prune", "RLSEdit",
            "UpdateContext", "UpdateRule", "UpdateTransform", "ValueContext", "ValueTransform",
            "build_method", "canonical", "eye_like", "get_rule", "null_space_projector",
            "register", "unregister"]

@@ -110,9 +110,11 @@ class UpdateRule(Part):
         rhs = self.rhs(keys, state, cfg)
         return torch.linalg.solve(self.base_matrix(state, cfg) + rhs @ keys.T, rhs)
 
-    def after_batch(self, keys: torch.Tensor, state: LayerState) -> None:
+    def after_batch(self, keys: torch.Tensor, state: LayerState,
+                    cfg: EditConfig | None = None) -> None:
         """Fold this batch's keys into ``S`` (sequential methods); a rule with state of its
-        own (``state.extra``) advances it here, from the keys alone, so replay can redo it."""
+        own (``state.extra``) advances it here, from the keys and the settings ``cfg`` alone
+        (the solvers pass them), so replay can redo it."""
         if self.sequential:
             state.seq().addmm_(keys, keys.T)
 

@@ -42,7 +42,7 @@ class DirectSolver:
 
     def commit(self, keys: torch.Tensor) -> None:
         """The batch with ``keys`` is applied: fold them into ``S`` (one call per layer)."""
-        self.rule.after_batch(keys, self.state)
+        self.rule.after_batch(keys, self.state, self.cfg)
 
     def fold(self, keys: torch.Tensor) -> None:
         """Replaying history: the same as :meth:`commit`."""
@@ -105,7 +105,7 @@ class WoodburySolver:
     def commit(self, keys: torch.Tensor) -> None:
         """The solved batch with ``keys`` is applied: fold them into ``S``, then into the kept
         inverse (one call per layer; the drift check reads the new ``S``)."""
-        self.rule.after_batch(keys, self.state)
+        self.rule.after_batch(keys, self.state, self.cfg)
         self.after_batch()
 
     def fold(self, keys: torch.Tensor) -> None:

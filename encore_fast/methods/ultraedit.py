@@ -72,6 +72,6 @@ class UltraEdit(UpdateRule):
         """A batch's record per site: its ``[k; g]`` statistics, not its keys."""
         return (3, d_in + d_out)
 
-    def after_batch(self, keys: torch.Tensor, state: LayerState) -> None:
+    def after_batch(self, keys: torch.Tensor, state: LayerState, cfg: Any = None) -> None:
         """Fold the batch's record (``keys``: its statistics, ``[d_in + d_out, 3]``)."""
         state.extra.update(fold(state.extra, keys.T.to(torch.float32)))
