@@ -8,7 +8,7 @@ import pytest
 
 from encore_fast.config import METHODS, MethodSettings, declare_method, make_config
 from encore_fast.errors import ConfigError
-from encore_fast.methods import RULES, MemitSequential, register, unregister
+from encore_fast.methods import RULES, TRANSFORMS, MemitSequential, register, unregister
 
 
 class QuietEncore(MemitSequential):
@@ -23,7 +23,7 @@ class LoudEncore(QuietEncore):
 
 
 def test_the_settings_know_exactly_the_registered_methods():
-    assert set(METHODS) == set(RULES)
+    assert set(METHODS) == set(RULES) | set(TRANSFORMS)
     assert METHODS["encore"] == MethodSettings(preset_family="encore", mpes=True)
     assert METHODS["memit-seq"] == MethodSettings(preset_family="memit", mpes=False)
 
@@ -38,7 +38,7 @@ def test_registration_declares_and_unregistration_forgets():
         assert make_config("quiet-encore", "smollm2-135m").mpes_extra_steps == 2
     finally:
         unregister("quiet-encore")
-    assert "quiet-encore" not in METHODS and set(METHODS) == set(RULES)
+    assert "quiet-encore" not in METHODS and set(METHODS) == set(RULES) | set(TRANSFORMS)
     with pytest.raises(ConfigError, match=r"unknown method 'quiet-encore'; choose one of \["):
         make_config("quiet-encore", None)
 

@@ -21,6 +21,8 @@ from encore_fast.methods.alphaedit import AlphaEdit, null_space_projector
 from encore_fast.methods.base import LayerState, Part, UpdateRule, eye_like
 from encore_fast.methods.encore import Encore
 from encore_fast.methods.memit import Memit, MemitSequential
+from encore_fast.methods.rect import Rect
+from encore_fast.methods.sphere import Sphere
 from encore_fast.methods.transforms import (
     LowRankUpdate,
     UpdateContext,
@@ -55,7 +57,8 @@ def register(part: type[Part], *, replace: bool = False) -> type[Part]:
         raise ConfigError(f"{part.__name__}.preset must be one of {PRESET_FAMILIES}, got "
                           f"{family!r}")
     taken = RULES.get(name) or TRANSFORMS.get(name)
-    if (taken is not None and taken is not part and not replace) or name in ALIASES:
+    aliased = name in ALIASES and name not in ALIASES[name].split("+")  # ("sphere": its own)
+    if (taken is not None and taken is not part and not replace) or aliased:
         raise ConfigError(f"a method called {name!r} is already registered "
                           f"({getattr(taken, '__name__', ALIASES.get(name))}); pass "
                           "replace=True to replace it")
@@ -143,11 +146,13 @@ class MethodNames:
         return True
 
 
-for _part in (Encore, Memit, MemitSequential, AlphaEdit):
+for _part in (Encore, Memit, MemitSequential, AlphaEdit, Sphere, Rect):
     register(_part)
+ALIASES.update({"sphere": "alphaedit+sphere", "rect": "memit-seq+rect"})
 
 __all__ = ["ALIASES", "RULES", "TRANSFORMS", "AlphaEdit", "Encore", "LayerState",
            "LowRankUpdate", "Memit", "MemitSequential", "Method", "MethodNames", "Part",
+           "Rect", "Sphere",
            "UpdateContext", "UpdateRule", "UpdateTransform", "ValueContext", "ValueTransform",
            "build_method", "canonical", "eye_like", "get_rule", "null_space_projector",
            "register", "unregister"]
