@@ -25,7 +25,9 @@ from encore_fast.methods.evoedit import EvoEdit
 from encore_fast.methods.memit import Memit, MemitSequential
 from encore_fast.methods.nas import Nas
 from encore_fast.methods.prune import Prune
+from encore_fast.methods.rect import Rect
 from encore_fast.methods.rlsedit import RLSEdit
+from encore_fast.methods.sphere import Sphere
 from encore_fast.methods.transforms import (
     LowRankUpdate,
     UpdateContext,
@@ -60,9 +62,11 @@ def register(part: type[Part], *, replace: bool = False) -> type[Part]:
         raise ConfigError(f"{part.__name__}.preset must be one of {PRESET_FAMILIES}, got "
                           f"{family!r}")
     taken = RULES.get(name) or TRANSFORMS.get(name)
-    if taken is not None and taken is not part and not replace:
-        raise ConfigError(f"a method called {name!r} is already registered "
-                          f"({taken.__name__}); pass replace=True to replace it")
+    aliased = name in ALIASES and name not in ALIASES[name].split("+")  # ("sphere": its own)
+    if (taken is not None and taken is not part and not replace) or aliased:
+        what = taken.__name__ if taken is not None else f"an alias of {ALIASES[name]}"
+        raise ConfigError(f"a method called {name!r} is already registered ({what}); pass "
+                          "replace=True to replace it")
     check = part.check_settings if part.check_settings is not Part.check_settings else None
     declare_method(name, MethodSettings(
         preset_family=family, mpes=bool(getattr(part, "mpes", False)), kind=kind,
@@ -147,13 +151,15 @@ class MethodNames:
         return True
 
 
-for _part in (Encore, Memit, MemitSequential, AlphaEdit, Emmet, EvoEdit, RLSEdit, Nas, Prune):
+for _part in (Encore, Memit, MemitSequential, AlphaEdit, Emmet, EvoEdit, RLSEdit, Nas, Prune,
+              Sphere, Rect):
     register(_part)
-ALIASES.update({"nas": "alphaedit+nas", "prune": "memit-seq+prune"})
+ALIASES.update({"nas": "alphaedit+nas", "prune": "memit-seq+prune", "sphere": "alphaedit+sphere",
+                "rect": "memit-seq+rect"})
 
 __all__ = ["ALIASES", "RULES", "TRANSFORMS", "AlphaEdit", "Emmet", "Encore", "EvoEdit",
            "LayerState", "LowRankUpdate", "Memit", "MemitSequential", "Method", "MethodNames",
-           "Nas", "Part", "Prune", "RLSEdit",
+           "Nas", "Part", "Prune", "RLSEdit", "Rect", "Sphere",
            "UpdateContext", "UpdateRule", "UpdateTransform", "ValueContext", "ValueTransform",
            "build_method", "canonical", "eye_like", "get_rule", "null_space_projector",
            "register", "unregister"]
