@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from encore_fast import layer_states as lstates
 from encore_fast.batch_report import BatchReport as BatchReport
 from encore_fast.batch_report import (
     check_norms,
     checked_batch_size,
-    checked_values,
     rolled_back_error,
 )
 from encore_fast.config import guess_preset, make_config
@@ -33,7 +33,6 @@ from encore_fast.engines import SavedInverse, Solver, make_engine
 from encore_fast.errors import EditorConflictError
 from encore_fast.export import export_editor
 from encore_fast.history import History, check_history
-from encore_fast.layer_states import checked_state_device, checked_stats, corpus_c0, initial_states
 from encore_fast.matrices import EditedMatrices, check_free, claim, unclaim
 from encore_fast.methods import LayerState, LowRankUpdate, build_method
 from encore_fast.models.arch import ArchSpec, ModelView
@@ -41,7 +40,7 @@ from encore_fast.models.fingerprint import model_fingerprint
 from encore_fast.models.hooks import editing_mode
 from encore_fast.models.loading import load_model, prepare_tokenizer
 from encore_fast.requests import EditRequest, as_requests, validate_requests
-from encore_fast.sharing import Update, shared_values, update_from_main, write_edits
+from encore_fast.sharing import Update, update_from_main, write_edits
 from encore_fast.values.keys import SubjectForwards
 from encore_fast.values.prompts import PromptTokens
 
@@ -118,19 +117,20 @@ class Editor:
         self.method = self.parts.name
         self.hparams = make_config(self.method, self.preset, self.view.num_layers, **overrides)
         self.rule = self.parts.rule
+        self.sites = lstates.checked_sites(self.view, self.rule.sites(self.hparams))
         self.engine = engine
         self.corpus = corpus
         self.stats_cache = stats_cache
         self.group = resolve_group(process_group)
-        self.state_device = checked_state_device(state_device)
+        self.state_device = lstates.checked_state_device(state_device)
         self.progress = progress and (self.group is None or self.group.is_main)
         self.max_value_tokens = max_value_tokens
         self.fingerprint = model_fingerprint(model)
-        self._given_stats = None if stats is None else checked_stats(
+        self._given_stats = None if stats is None else lstates.checked_stats(
             stats, self.hparams.layers, self.view.d_in)
         self._states: dict[int, LayerState] | None = None
         self._contexts: list[str] | None = None
-        self.matrices = EditedMatrices(self.view, self.hparams.layers, master_weights)
+        self.matrices = EditedMatrices(self.view, self.sites, master_weights)
         self.master_weights = self.matrices.use_masters
         self._original = self.matrices.original  # (the unedited matrices)
         self.edit_history = History(history, self.matrices)  # (the batches; ``history``: N)
@@ -200,24 +200,24 @@ class Editor:
     def weight_norms(self) -> dict[int, float]:
         """Current ‖W‖_F of every edited matrix (of its fp32 master, when there is one)."""
         return {l: float(self.edited_weight(l).detach().float().norm())
-                for l in self.hparams.layers}
+                for l in self.sites}
 
     def edited_weight(self, layer: int) -> torch.Tensor:
-        """The edited matrix of ``layer`` as the editor accumulates it: the fp32 master of a
-        16-bit model (the model holds it rounded), else the model's weight itself."""
+        """The edited matrix as accumulated: its fp32 master (16-bit models), else the weight."""
         return self.matrices.edited(layer)
 
     def layer_states(self) -> dict[int, LayerState]:
         """Per-layer ``C0`` (computed or loaded on first use, from the original model) and ``S``."""
         if self._states is None:
-            c0 = self._given_stats or self._compute_stats()
-            self._states = initial_states(c0, self.hparams.layers, self.state_device, self.view)
+            c0 = (self._given_stats or self._compute_stats()) if self.rule.uses_c0 else {
+                s: torch.zeros(0, 0) for s in self.sites}  # (UltraEdit: no C0)
+            self._states = lstates.initial_states(c0, self.sites, self.state_device, self.view)
         return self._states
 
     def _compute_stats(self) -> dict[int, torch.Tensor]:
         if self.num_batches:
             raise RuntimeError("statistics must be computed on the original model; reset() first")
-        return corpus_c0(self.view, self.tokenizer, self.hparams, self.corpus,
+        return lstates.corpus_c0(self.view, self.tokenizer, self.hparams, self.corpus,
                          fingerprint=self.fingerprint, model_name=self.model_name,
                          cache=self.stats_cache, progress=self.progress, group=self.group)
 
@@ -262,11 +262,7 @@ class Editor:
         ``S`` and the solvers; on any failure the applied layers are put back."""
         t0 = time.perf_counter()
         tokens = PromptTokens(self.tokenizer)  # (value prompts and key passes share them)
-        values = shared_values(self.group, reqs, lambda share: self._engine.values(
-            self.view, self.tokenizer, share, self.context_templates, tokens, self.hparams, bar),
-            bar, f"batch {self.num_batches}: value optimisation", self.view.device)
-        zs = checked_values(reqs, values, self.num_batches, self.view.dtype)
-        zs = self.parts.transform_values(zs, lambda: self._engine.context(self, reqs, values))
+        values, zs = self._engine.batch_values(self, reqs, tokens, bar)
         t1 = time.perf_counter()
         batch, keys64, w_norms, d_norms = update_from_main(
             self.group, reqs, lambda: self._update_layers(reqs, zs, tokens),
@@ -289,10 +285,11 @@ class Editor:
         had_solvers = set(self._solvers)
         layer = cfg.layers[0]
         try:
-            fwd = SubjectForwards(self.view, self.tokenizer, reqs, self.context_templates,
-                                  reuse_below=self._engine.reuse_below(cfg.layers),
-                                  tokens=tokens)
-            for i, layer in enumerate(cfg.layers):
+            fwd = self.rule.updates(self.view, self.tokenizer, reqs, self.layer_states(), cfg) \
+                if self.rule.direct else SubjectForwards(
+                    self.view, self.tokenizer, reqs, self.context_templates,
+                    reuse_below=self._engine.reuse_below(cfg.layers), tokens=tokens)
+            for i, layer in enumerate(self.sites):
                 keys, upd, k64 = self._solve_layer(fwd, i, layer, zs)
                 backups[layer] = self.edited_weight(layer).detach().clone()
                 w_norms[layer], d_norms[layer] = self.matrices.apply(layer, upd.u, upd.v, upd.mask)
@@ -307,24 +304,28 @@ class Editor:
             raise error from exc
         return batch, keys64, w_norms, d_norms
 
-    def _solve_layer(self, fwd: SubjectForwards, i: int, layer: int, zs: torch.Tensor) -> tuple[
+    def _solve_layer(self, fwd: Any, i: int, layer: Any, zs: torch.Tensor | None) -> tuple[
             torch.Tensor, LowRankUpdate, torch.Tensor]:
-        """The ``i``-th edited layer's keys, its checked update (fp32 factors, after the
+        """The ``i``-th edited site's keys, its checked update (fp32 factors, after the
         method's update transforms) and its keys in float64 on the state's device (the layers
-        before it are final for this batch)."""
+        before it are final for this batch); a direct rule's (``fwd``: its updates) as given."""
         cfg = self.hparams
-        fwd.freeze_below(layer)
-        keys = fwd.keys(layer)
-        cur = fwd.block_outputs(cfg.layers[-1])
-        resid = (zs.to(cur.device) - cur) / (len(cfg.layers) - i)
         sdev = self.layer_states()[layer].c0.device  # (keys go to the state)
-        k64 = keys.T.contiguous().double().to(sdev)  # the layout replay reads back
-        v = self._solver(layer).solve(k64, resid.T.double().to(sdev))
-        upd = LowRankUpdate(resid.T.contiguous(), v.float().contiguous())
+        if isinstance(fwd, dict):  # (keys: what the batch records for the site's state)
+            keys, upd = fwd[layer]
+            k64 = keys.T.contiguous().double().to(sdev)
+        else:
+            fwd.freeze_below(layer)
+            keys = fwd.keys(layer)
+            cur = fwd.block_outputs(cfg.layers[-1])
+            resid = (zs.to(cur.device) - cur) / (len(cfg.layers) - i)
+            k64 = keys.T.contiguous().double().to(sdev)  # the layout replay reads back
+            v = self._solver(layer).solve(k64, resid.T.double().to(sdev))
+            upd = LowRankUpdate(resid.T.contiguous(), v.float().contiguous())
         upd = self.parts.transform_update(upd, lambda: self.matrices.update_context(
             layer, self.layer_states()[layer], cfg, keys))
         check_update(layer, keys, upd.u, upd.v, tuple(self.view.weight(layer).shape),
-                     self.view.arch.transposed)
+                     self.view.arch.transposed, record_shape=self.rule.record_shape)
         return keys, upd, k64
 
     def _roll_back(self, backups: Mapping[int, torch.Tensor], had_solvers: set[int]) -> None:
@@ -388,7 +389,7 @@ class Editor:
         batches, applied in order: the same operations on the same inputs as when they were
         first applied, so the result is bit-for-bit that of the editor that applied them."""
         self._solvers = self.edit_history.restore(self._states)
-        for layer in self.hparams.layers:
+        for layer in self.sites:
             self._solver(layer)  # (no base: made from S = 0, as before a first batch)
         for batch in batches:
             self._commit(batch, self._apply_factors(batch), solved=False)
@@ -422,8 +423,8 @@ class Editor:
                                f"{self.num_batches} batch(es); call reset() first")
         saved = read_edits(
             path, fingerprint=self.fingerprint, method=self.method, config=self.hparams,
-            weight_shapes={l: tuple(self.view.weight(l).shape) for l in self.hparams.layers},
-            transposed=self.view.arch.transposed)
+            weight_shapes={l: tuple(self.view.weight(l).shape) for l in self.sites},
+            transposed=self.view.arch.transposed, record_shape=self.rule.record_shape)
         # (files from before contexts were saved: made now, from the unedited model)
         self._contexts = saved.contexts or self.context_templates
         with editing_mode(self.model):  # (C0 from the original model, before any change:)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from encore_fast.methods.solver import DirectSolver, WoodburySolver
 from encore_fast.requests import EditRequest
 
 EDITS_FORMAT = "encore_fast.edits/2"
+RecordShape = Callable[[int, int, int], tuple[int, int]]  # (n, d_in, d_out) -> a batch's "K"
 _READABLE = ("encore_fast.edits/1", EDITS_FORMAT)  # /1: no base, every batch's factors
 
 
@@ -145,10 +146,11 @@ def edits_meta(path: Path) -> dict[str, str]:
 
 
 def read_edits(path: Path, *, fingerprint: str, method: str, config: EditConfig,
-               weight_shapes: Mapping[int, tuple[int, ...]], transposed: bool) -> SavedEdits:
+               weight_shapes: Mapping[Any, tuple[int, ...]], transposed: bool,
+               record_shape: RecordShape | None = None) -> SavedEdits:
     """Every check of an edits file against the editor that loads it (its model's
-    ``fingerprint``, its ``method`` and ``config``, the shapes of its edited weights, stored
-    ``transposed`` or not); changes nothing."""
+    ``fingerprint``, its ``method`` and ``config``, the shapes of its edited weights per site,
+    stored ``transposed`` or not, what a batch records per site); changes nothing."""
     meta = edits_meta(path)
     if meta.get("model_fingerprint") != fingerprint:
         raise EditsFileError(
@@ -165,17 +167,19 @@ def read_edits(path: Path, *, fingerprint: str, method: str, config: EditConfig,
         warnings.warn(f"{path} was made with other settings ({', '.join(differ)}); its edits "
                       "are loaded as saved, later batches use this editor's", stacklevel=4)
     tensors = _read_tensors(path, meta)
-    base = _read_base(path, config.layers, weight_shapes, transposed, tensors) if first else {}
+    sites = list(weight_shapes)
+    base = _read_base(path, sites, weight_shapes, transposed, tensors) if first else {}
     batches = []
     for b, reqs in enumerate(requests[first:], start=first):
         batch = Batch(requests=reqs)
-        for layer in config.layers:
+        for layer in sites:
             names = [f"b{b}.l{layer}.{n}" for n in "UVK"]
             if any(n not in tensors for n in names):
                 raise EditsFileError(f"{path}: batch {b} lacks the factors of layer {layer}")
             u, v, k = (tensors[n] for n in names)
             try:
-                check_update(layer, k.T, u, v, weight_shapes[layer], transposed, n=len(reqs))
+                check_update(layer, k.T, u, v, weight_shapes[layer], transposed, n=len(reqs),
+                             record_shape=record_shape)
             except EditError as exc:
                 raise EditsFileError(f"{path}: batch {b}: {exc}") from None
             batch.factors[layer] = (u, v, k)
@@ -219,7 +223,7 @@ def _read_tensors(path: Path, meta: dict[str, str]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _read_base(path: Path, layers: list[int], weight_shapes: Mapping[int, tuple[int, ...]],
+def _read_base(path: Path, layers: list[Any], weight_shapes: Mapping[Any, tuple[int, ...]],
                transposed: bool, tensors: dict[str, torch.Tensor]) -> dict[
         int, dict[str, torch.Tensor]]:
     """The base state's tensors per layer, each of the right shape and finite."""
@@ -278,14 +282,16 @@ def _read_mask(path: Path, packed: torch.Tensor, w_shape: tuple[int, ...],
     return unpack_bits(packed, (d_out, d_in))
 
 
-def check_update(layer: int, keys: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
-                 w_shape: tuple[int, ...], transposed: bool, n: int | None = None) -> None:
+def check_update(layer: Any, keys: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                 w_shape: tuple[int, ...], transposed: bool, n: int | None = None,
+                 record_shape: RecordShape | None = None) -> None:
     """Raise :class:`EditError` unless ``Δ = U Vᵀ`` fits the weight and all are finite (``U``,
     ``V`` of rank ``r``: the batch's ``n`` keys, and more where a transform added terms)."""
     d_out, d_in = (w_shape[1], w_shape[0]) if transposed else (w_shape[0], w_shape[1])
     n = keys.shape[0] if n is None else n
     r = u.shape[-1]
-    want = {"U": (d_out, r), "V": (d_in, r), "K": (n, d_in)}
+    k_shape = (n, d_in) if record_shape is None else tuple(record_shape(n, d_in, d_out))
+    want = {"U": (d_out, r), "V": (d_in, r), "K": k_shape}
     for name, t in (("U", u), ("V", v), ("K", keys)):
         if tuple(t.shape) != want[name]:
             raise EditError(f"layer {layer}: {name} has shape {tuple(t.shape)}, expected "

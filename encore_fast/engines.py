@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from encore_fast.batch_report import checked_values
 from encore_fast.config import EditConfig
 from encore_fast.errors import ConfigError
 from encore_fast.methods import LayerState, UpdateRule, ValueContext
@@ -24,6 +25,7 @@ from encore_fast.methods.solver import DirectSolver, WoodburySolver
 from encore_fast.models.arch import ModelView
 from encore_fast.paths import cache_dir
 from encore_fast.requests import EditRequest
+from encore_fast.sharing import shared_values
 from encore_fast.values import reference
 from encore_fast.values.objective import ValueResult
 from encore_fast.values.prompts import PromptTokens, ValuePrompts, build_value_prompts
@@ -53,6 +55,21 @@ class Engine:
                         layer: int, cfg: EditConfig, progress: Any = None) -> list[ValueResult]:
         """The target value ``z`` of every request, ``layer`` being the last edited one."""
         raise NotImplementedError
+
+    def batch_values(self, editor: Any, reqs: Sequence[EditRequest], tokens: PromptTokens,
+                     bar: Any) -> tuple[list[ValueResult], torch.Tensor | None]:
+        """``editor``'s batch: every request's optimised value (shared out over the ranks),
+        checked, then through the method's value transforms: the values and ``z`` ``[n, d]``;
+        nothing (no values, no ``z``) for a rule without value optimisation (UltraEdit)."""
+        if editor.rule.direct:
+            return [], None
+        values = shared_values(editor.group, list(reqs), lambda share: self.values(
+            editor.view, editor.tokenizer, share, editor.context_templates, tokens,
+            editor.hparams, bar), bar, f"batch {editor.num_batches}: value optimisation",
+            editor.view.device)
+        zs = checked_values(list(reqs), values, editor.num_batches, editor.view.dtype)
+        return values, editor.parts.transform_values(
+            zs, lambda: self.context(editor, reqs, values))
 
     def context(self, editor: Any, reqs: Sequence[EditRequest],
                 values: Sequence[ValueResult]) -> ValueContext:

@@ -70,14 +70,15 @@ def export_editor(editor: Any, path: str | os.PathLike, overwrite: bool = False,
                        settings=editor.hparams.to_dict(), source=editor.model_name,
                        requests=editor.requests, overwrite=overwrite)
     if gguf is not None and source is not None:
-        weights = {layer: editor.edited_weight(layer) for layer in editor.hparams.layers}
+        weights = {site: editor.edited_weight(site) for site in editor.sites}
         export_gguf(source, out / "model.gguf", weights, gguf)
     return out
 
 
-def export_gguf(source: Path, target: Path, weights: dict[int, Any], kind: str = "BF16") -> Path:
-    """``source`` (a Llama-family GGUF file) with the MLP output matrices of ``weights``
-    (layer -> edited weight, ``[d_model, d_ff]``) replaced, in ``kind``; written atomically."""
+def export_gguf(source: Path, target: Path, weights: dict[Any, Any], kind: str = "BF16") -> Path:
+    """``source`` (a Llama-family GGUF file) with the MLP matrices of ``weights`` (site -> edited
+    weight: a layer's down projection, or ``"mlp_gate.L"`` / ``"mlp_up.L"``) replaced, in
+    ``kind``; written atomically."""
     import gguf  # (optional dependency: the ``bundled`` extra)
 
     reader = gguf.GGUFReader(source)
@@ -90,7 +91,7 @@ def export_gguf(source: Path, target: Path, weights: dict[int, Any], kind: str =
                 continue
             sub = field.types[1] if len(field.types) > 1 else None
             writer.add_key_value(field.name, field.contents(), field.types[0], sub)
-        edited = {f"blk.{layer}.ffn_down.weight": w for layer, w in weights.items()}
+        edited = {gguf_name(site): w for site, w in weights.items()}
         for t in reader.tensors:
             if t.name in edited:
                 data = gguf.quants.quantize(edited.pop(t.name).detach().float().cpu().numpy(),
@@ -140,3 +141,14 @@ def _replace(tmp: Path, final: Path) -> None:
     os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def gguf_name(site: Any) -> str:
+    """The GGUF tensor of an edited site (Llama layout: ``blk.L.ffn_down/gate/up.weight``)."""
+    if isinstance(site, int):
+        return f"blk.{site}.ffn_down.weight"
+    name, _, layer = str(site).rpartition(".")
+    kinds = {"mlp_gate": "ffn_gate", "mlp_up": "ffn_up"}
+    if name not in kinds:
+        raise ConfigError(f"GGUF export: no GGUF tensor is known for edited site {site!r}")
+    return f"blk.{layer}.{kinds[name]}.weight"

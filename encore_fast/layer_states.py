@@ -33,6 +33,18 @@ def checked_stats(stats: Any, layers: list[int],
             for l, c in stats.items() if l in layers}
 
 
+def checked_sites(view: ModelView, sites: list[Any]) -> list[Any]:
+    """The sites a method edits (``models.arch.Site``), each one this model has, none twice."""
+    if not sites or len(set(map(str, sites))) != len(sites):
+        raise ConfigError(f"the edited sites must be distinct and not empty, got {sites!r}")
+    for site in sites:
+        try:
+            view.linear(site)
+        except (ValueError, AttributeError) as exc:
+            raise ConfigError(f"cannot edit {site!r} of this model: {exc}") from None
+    return list(sites)
+
+
 def checked_state_device(chosen: Any) -> Any:
     """``state_device`` as given, once every device in it is one torch knows."""
     items = chosen.items() if isinstance(chosen, Mapping) else [(None, chosen)]

@@ -35,6 +35,7 @@ from encore_fast.methods.transforms import (
     ValueContext,
     ValueTransform,
 )
+from encore_fast.methods.ultraedit import UltraEdit
 
 RULES: dict[str, type[UpdateRule]] = {}
 TRANSFORMS: dict[str, type[ValueTransform] | type[UpdateTransform]] = {}
@@ -152,14 +153,14 @@ class MethodNames:
 
 
 for _part in (Encore, Memit, MemitSequential, AlphaEdit, Emmet, EvoEdit, RLSEdit, Nas, Prune,
-              Sphere, Rect):
+              Sphere, Rect, UltraEdit):
     register(_part)
 ALIASES.update({"nas": "alphaedit+nas", "prune": "memit-seq+prune", "sphere": "alphaedit+sphere",
                 "rect": "memit-seq+rect"})
 
 __all__ = ["ALIASES", "RULES", "TRANSFORMS", "AlphaEdit", "Emmet", "Encore", "EvoEdit",
            "LayerState", "LowRankUpdate", "Memit", "MemitSequential", "Method", "MethodNames",
-           "Nas", "Part", "Prune", "RLSEdit", "Rect", "Sphere",
+           "Nas", "Part", "Prune", "RLSEdit", "Rect", "Sphere", "UltraEdit",
            "UpdateContext", "UpdateRule", "UpdateTransform", "ValueContext", "ValueTransform",
            "build_method", "canonical", "eye_like", "get_rule", "null_space_projector",
            "register", "unregister"]

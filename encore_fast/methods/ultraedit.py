@@ -53,20 +53,11 @@ class UltraEdit(UpdateRule):
 
     def updates(self, view: Any, tokenizer: Any, reqs: Any, states: dict[Any, LayerState],
                 cfg: Any) -> dict[Any, tuple[torch.Tensor, LowRankUpdate]]:
-        """Every site's update and its batch record (the statistics its normaliser folds)."""
+        """Every site's batch record (what its normaliser folds) and update."""
         o = self.opts(cfg)
-        out = {}
-        for site, (k, g) in answer_rows(view, tokenizer, reqs, self.sites(cfg),
-                                        o["group_size"]).items():
-            rec = record(torch.cat([k, g], 1))
-            kg = normalised(torch.cat([k, g], 1), fold(states[site].extra, rec))
-            k_hat, g_hat = kg.split([k.shape[1], g.shape[1]], 1)
-            v = (-o["lr"] * (k_hat * k_hat).sum(1, keepdim=True)) * g_hat
-            k64 = k.double()
-            small = k64 @ k64.T + torch.eye(k.shape[0], dtype=torch.float64)
-            out[site] = (rec, LowRankUpdate(v.T.float().contiguous(),
-                                            torch.linalg.solve(small, k64).T.float().contiguous()))
-        return out
+        rows = answer_rows(view, tokenizer, reqs, self.sites(cfg), o["group_size"])
+        return {site: site_update(k, g, states[site].extra, o["lr"])
+                for site, (k, g) in rows.items()}
 
     def record_shape(self, n: int, d_in: int, d_out: int) -> tuple[int, int]:
         """A batch's record per site: its ``[k; g]`` statistics, not its keys."""
@@ -75,3 +66,17 @@ class UltraEdit(UpdateRule):
     def after_batch(self, keys: torch.Tensor, state: LayerState, cfg: Any = None) -> None:
         """Fold the batch's record (``keys``: its statistics, ``[d_in + d_out, 3]``)."""
         state.extra.update(fold(state.extra, keys.T.to(torch.float32)))
+
+
+def site_update(k: torch.Tensor, g: torch.Tensor, normaliser: dict[str, torch.Tensor],
+                lr: float) -> tuple[torch.Tensor, LowRankUpdate]:
+    """One site's record and ``Δ = Vᵀ (K Kᵀ + I)⁻¹ K`` from its rows ``K`` ``[N, d_in]``, ``G``
+    ``[N, d_out]`` and its normaliser before the batch (not changed here)."""
+    rows = torch.cat([k, g], 1)
+    rec = record(rows)
+    k_hat, g_hat = normalised(rows, fold(normaliser, rec)).split([k.shape[1], g.shape[1]], 1)
+    v = (-lr * (k_hat * k_hat).sum(1, keepdim=True)) * g_hat
+    k64 = k.double()
+    small = k64 @ k64.T + torch.eye(k.shape[0], dtype=torch.float64)
+    return rec, LowRankUpdate(v.T.float().contiguous(),
+                              torch.linalg.solve(small, k64).T.float().contiguous())
