@@ -30,17 +30,25 @@ def load_tiny(tiny_dir: str) -> tuple[Any, Any]:
     return model, AutoTokenizer.from_pretrained(tiny_dir)
 
 
+METHODS = {  # scenario -> (method, settings): the new kinds of method part, across ranks
+    "rect": ("memit-seq+rect", {}),
+    "ultraedit": ("ultraedit", dict(gate_layers=[1], up_layers=[2], lr=0.01, group_size=3)),
+}
+
+
 def edit_tiny(model: Any, tok: Any, corpus: str, requests: list[dict], out: Path,
-              group: Any = None, cache: Any = False, **over: Any) -> dict[str, Any]:
+              group: Any = None, cache: Any = False, method: str = "encore",
+              **over: Any) -> dict[str, Any]:
     """C0, then the requests in batches of 6; the edited weights and the steps."""
     from encore_fast.editor import Editor
 
-    ed = Editor(model, tok, "encore", preset=None, corpus=corpus, stats_cache=cache,
-                progress=False, process_group=group, **{**SETTINGS, **over})
+    settings = SETTINGS if method == "encore" or "+" in method else {}
+    ed = Editor(model, tok, method, preset=None, corpus=corpus, stats_cache=cache,
+                progress=False, process_group=group, **{**settings, **over})
     c0 = {l: st.c0.clone() for l, st in ed.layer_states().items()}
     reports = ed.edit(requests, batch_size=6)
     ed.save_edits(out / "edits.safetensors")
-    return dict(c0=c0, weights={l: ed.view.weight(l).detach().clone() for l in SETTINGS["layers"]},
+    return dict(c0=c0, weights={l: ed.view.weight(l).detach().clone() for l in ed.sites},
                 steps=[r.steps for r in reports], delta_norms=[r.delta_norms for r in reports])
 
 
@@ -76,8 +84,9 @@ def run_rank(rank: int, world: int, port: int, scenario: str, tiny_dir: str, cor
                     raise ValueError("interrupted in rank 1's second batch")
             model.model.layers[0].register_forward_pre_hook(second_batch_fails)
         cache = out_dir / "cache" if scenario in ("cache", "interrupt", "resume") else False
+        method, settings = METHODS.get(scenario, ("encore", {}))
         result = edit_tiny(model, tok, corpus, requests, out_dir, group=None, cache=cache,
-                           **over)
+                           method=method, **over, **settings)
     except Exception as exc:
         result = dict(error=type(exc).__name__, message=str(exc),
                       trace=traceback.format_exc())

@@ -120,8 +120,13 @@ class Method:
 
     def transform_update(self, update: LowRankUpdate,
                          context: Callable[[], UpdateContext]) -> LowRankUpdate:
-        """A layer's update after every update transform (``context`` made only for one)."""
-        ctx = context() if self.update_transforms else None
+        """A layer's update after every update transform (``context`` made only for one), its
+        factors on the device of the layer's weight (``device_map`` models)."""
+        if not self.update_transforms:
+            return update
+        ctx = context()
+        dev = ctx.weight.device
+        update = LowRankUpdate(update.u.to(dev), update.v.to(dev), update.mask)
         for t in self.update_transforms:
             update = t.apply(update, ctx)
         return update
