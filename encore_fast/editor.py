@@ -86,6 +86,8 @@ class Editor:
             materialised when the first batch is dropped, as large as that state), which
             :meth:`save_edits` writes in their place. ``None``: keep every batch; ``0``: keep
             none and no base (no undo; the smallest memory, what long runs use). Default 100.
+        chat: edit every request inside the tokenizer's chat template (as ``chat=True`` on each
+            request does: the prompt the user's turn, the target the assistant's first words).
         **overrides: any :class:`EditConfig` field (``layers``, ``lambda_p``, ...).
 
     One editor per model: it owns the edited matrices' history, so a second ``Editor`` on the
@@ -103,7 +105,7 @@ class Editor:
         model_name: str | None = None, progress: bool = True, max_value_tokens: int = 8192,
         master_weights: bool | None = None, process_group: Any = None,
         state_device: str | torch.device | Mapping[int, str | torch.device] | None = None,
-        history: int | None = 100, **overrides: Any,
+        history: int | None = 100, chat: bool = False, **overrides: Any,
     ) -> None:
         self._engine = make_engine(engine, max_value_tokens)  # (checks both)
         check_history(history)
@@ -124,7 +126,7 @@ class Editor:
         self.group = resolve_group(process_group)
         self.state_device = lstates.checked_state_device(state_device)
         self.progress = progress and (self.group is None or self.group.is_main)
-        self.max_value_tokens = max_value_tokens
+        self.max_value_tokens, self.chat = max_value_tokens, bool(chat)
         self.fingerprint = model_fingerprint(model)
         self._given_stats = None if stats is None else lstates.checked_stats(
             stats, self.hparams.layers, self.view.d_in)
@@ -225,12 +227,10 @@ class Editor:
 
     def edit(self, requests: Iterable[EditRequest | Mapping[str, Any]],
              batch_size: int | None = None, progress: bool | None = None) -> list[BatchReport]:
-        """Apply ``requests`` in batches of ``batch_size`` (default ``hparams.batch_size``),
-        one after another on the model as edited so far; returns one :class:`BatchReport` per
-        batch (time, value steps, MPES stops, weight and update norms per layer).
-
-        ``requests``: :class:`EditRequest` objects or dicts (``prompt``, ``subject``,
-        ``target_new``, ...), or a single one of either.
+        """Apply ``requests`` (:class:`EditRequest` objects or dicts: ``prompt``, ``subject``,
+        ``target_new``, ``chat``, ...; or one of either) in batches of ``batch_size`` (default
+        ``hparams.batch_size``), one after another on the model as edited so far; returns one
+        :class:`BatchReport` per batch (time, value steps, MPES stops, weight and update norms).
 
         All requests are validated first; a bad one raises :class:`RequestError` before any
         weight changes. Each batch is a transaction: if it fails (:class:`EditError`, or an
@@ -238,7 +238,7 @@ class Editor:
         in this call stay applied. Runs with the model in eval mode (its mode is restored).
         """
         self._check_held("edit")
-        reqs = as_requests(requests)
+        reqs = as_requests(requests, self.chat)
         bs = checked_batch_size(self.hparams.batch_size if batch_size is None else batch_size)
         if not reqs:
             return []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ class EditRequest:
     target_new: str
     ground_truth: str | None = None
     case_id: int | str | None = None
+    chat: bool = False  # edited (and asked) inside the tokenizer's chat template
 
     def __post_init__(self) -> None:
         for name in ("prompt", "subject", "target_new"):
@@ -40,6 +41,8 @@ class EditRequest:
                 tag = "request" if self.case_id is None else f"request (case {self.case_id})"
                 raise RequestError(f"{tag}: field {name!r} must be a string, got "
                                    f"{type(value).__name__} {value!r}")
+        if not isinstance(self.chat, bool):
+            raise RequestError(f"request field 'chat' must be true or false, got {self.chat!r}")
         if self.ground_truth is not None and not isinstance(self.ground_truth, str):
             raise RequestError(f"request field 'ground_truth' must be a string or None, got "
                                f"{type(self.ground_truth).__name__}")
@@ -101,6 +104,7 @@ class EditRequest:
             target_new=_unwrap(target, "target_new", label),
             ground_truth=None if truth is None else _unwrap(truth, "ground_truth", label),
             case_id=case_id,
+            chat=record.get("chat", rec.get("chat", False)),
         )
 
 
@@ -141,10 +145,11 @@ def target_with_space(target: str) -> str:
     return target if target[:1].isspace() else " " + target
 
 
-def as_requests(items: Iterable[EditRequest | Mapping[str, Any]] | EditRequest | Mapping[str, Any]
-                ) -> list[EditRequest]:
+def as_requests(items: Iterable[EditRequest | Mapping[str, Any]] | EditRequest | Mapping[str, Any],
+                chat: bool = False) -> list[EditRequest]:
     """Requests, or dicts in any supported layout, as a list of requests; one request or one
-    dict alone is taken as a list of one. Anything else is a :class:`RequestError` naming it."""
+    dict alone is taken as a list of one. Anything else is a :class:`RequestError` naming it.
+    ``chat``: every request inside the chat template (else as each one says)."""
     if isinstance(items, (EditRequest, Mapping)):
         items = [items]
     elif isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
@@ -159,21 +164,46 @@ def as_requests(items: Iterable[EditRequest | Mapping[str, Any]] | EditRequest |
         else:
             raise RequestError(f"request #{i} is a {type(item).__name__} "
                                f"({str(item)[:60]!r}), not an EditRequest or a dict")
-    return out
+    return [replace(r, chat=True) for r in out] if chat else out
 
 
-def encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of ``text`` as the model sees it at the start of a sequence (with BOS if any)."""
-    return list(tokenizer(text)["input_ids"])
+def encode(tokenizer: Any, text: str, chat: bool = False) -> list[int]:
+    """Token ids of ``text`` as the model sees it at the start of a sequence (with BOS if any;
+    ``chat``: a text already in the chat template, which carries its own special tokens)."""
+    return list(tokenizer(text, add_special_tokens=not chat)["input_ids"])
 
 
-def target_token_ids(tokenizer: Any, target: str) -> list[int]:
-    """Token ids of a continuation (no BOS/special tokens), with the leading-space convention."""
-    return list(tokenizer(target_with_space(target), add_special_tokens=False)["input_ids"])
+def target_token_ids(tokenizer: Any, target: str, chat: bool = False) -> list[int]:
+    """Token ids of a continuation (no BOS/special tokens), with the leading-space convention;
+    ``chat``: the start of the assistant's turn, as written (no space added)."""
+    text = target if chat else target_with_space(target)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def subject_last_index(tokenizer: Any, template: str, subject: str) -> int:
-    """Index of the last subject token in ``template.format(subject)`` tokenised with BOS.
+_USER = "\x00user-turn\x00"
+
+
+def chat_template(tokenizer: Any, template: str) -> str:
+    """``template`` (text, or a ``{}`` template) as the user's turn of the tokenizer's chat
+    template, followed by what opens the assistant's turn (``add_generation_prompt``), with the
+    template's default system prompt if it has one. A :class:`RequestError` for a tokenizer
+    without a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise RequestError("a request asks for the chat template (chat=True), and this "
+                           "tokenizer has none: edit plain prompts, or use an instruct model's "
+                           "tokenizer")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": _USER}],
+                                         add_generation_prompt=True, tokenize=False)
+    before, _, after = text.partition(_USER)
+    if "{}" in before + after:
+        raise RequestError("this tokenizer's chat template writes '{}' itself: it cannot "
+                           "hold a subject placeholder")
+    return before + template + after
+
+
+def subject_last_index(tokenizer: Any, template: str, subject: str, chat: bool = False) -> int:
+    """Index of the last subject token in ``template.format(subject)`` tokenised with BOS
+    (``chat``: a template already in the chat template, tokenised as :func:`encode` does).
 
     Uses the tokenizer's character offsets when it has them (robust to merges across the
     subject's end); otherwise tokenises the text up to the end of the subject, as the
@@ -185,14 +215,14 @@ def subject_last_index(tokenizer: Any, template: str, subject: str) -> int:
     text = template.replace("{}", subject, 1)
     end_char = len(prefix) + len(subject)  # exclusive
     if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, return_offsets_mapping=True)
+        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=not chat)
         last = -1
         for i, (start, stop) in enumerate(enc["offset_mapping"]):
             if stop > start and start < end_char:
                 last = i
         if last >= 0:
             return last
-    return len(encode(tokenizer, prefix + subject)) - 1
+    return len(encode(tokenizer, prefix + subject, chat)) - 1
 
 
 def validate_requests(
@@ -224,8 +254,15 @@ def validate_requests(
                     f"{label}: the subject {req.subject!r} occurs in the prompt only inside a "
                     "longer word; write the prompt as a template with '{}' where the subject "
                     "goes")
+        if tokenizer is not None and req.chat:
+            try:
+                chat_template(tokenizer, "")
+            except RequestError as exc:
+                raise RequestError(f"{label}: {exc}") from None
         if tokenizer is not None and max_length is not None:
-            n = len(encode(tokenizer, req.text)) + len(target_token_ids(tokenizer, req.target_new))
+            text = chat_template(tokenizer, req.text) if req.chat else req.text
+            n = (len(encode(tokenizer, text, req.chat))
+                 + len(target_token_ids(tokenizer, req.target_new, req.chat)))
             if n > max_length:
                 raise RequestError(
                     f"{label}: prompt + target is {n} tokens, longer than the "
@@ -233,10 +270,10 @@ def validate_requests(
                 )
     step = batch_size or max(1, len(requests))
     for start in range(0, len(requests), step):
-        seen: dict[tuple[str, str], tuple[int, str]] = {}
+        seen: dict[tuple[str, str, bool], tuple[int, str]] = {}
         for i in range(start, min(start + step, len(requests))):
             req = requests[i]
-            key = (req.text, req.subject)
+            key = (req.text, req.subject, req.chat)
             if key in seen:
                 j, target = seen[key]
                 what = ("repeats" if target.strip() == req.target_new.strip()

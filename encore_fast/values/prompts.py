@@ -4,6 +4,11 @@ Per request: the rewrite prompts (each context template filled with the request'
 the target tokens but the last one) and the KL prompt ``"{subject} is a"``. For each prompt we
 record where the last subject token is (where δ is added) and, for rewrite prompts, which
 positions predict which target token.
+
+A chat request (``EditRequest.chat``) puts each of these inside the tokenizer's chat template:
+the context prefix and the prompt together are the user's turn, the target the start of the
+assistant's (no leading space), and the KL prompt is a user turn of its own; the subject is
+located in the templated tokens.
 """
 
 from __future__ import annotations
@@ -14,7 +19,13 @@ from typing import Any
 
 import torch
 
-from encore_fast.requests import EditRequest, encode, subject_last_index, target_token_ids
+from encore_fast.requests import (
+    EditRequest,
+    chat_template,
+    encode,
+    subject_last_index,
+    target_token_ids,
+)
 from encore_fast.values.templates import fill
 
 KL_PROMPTS = ("{} is a",)
@@ -46,13 +57,20 @@ class PromptTokens:
     def subject_prompt(self, request: EditRequest, context: str) -> tuple[list[int], int]:
         """Token ids of ``context`` filled with the request's prompt, and the index of its
         last subject token."""
-        key = (context, request.template, request.subject)
+        key = (context, request.template, request.subject, request.chat)
         if key not in self._made:
-            template = fill(context, request.template)
-            ids = encode(self.tokenizer, template.replace("{}", request.subject, 1))
-            self._made[key] = (ids, subject_last_index(self.tokenizer, template,
-                                                       request.subject))
+            self._made[key] = located(self.tokenizer, fill(context, request.template),
+                                      request.subject, request.chat)
         return self._made[key]
+
+
+def located(tokenizer: Any, template: str, subject: str, chat: bool) -> tuple[list[int], int]:
+    """Token ids of ``template`` filled with ``subject`` (in the chat template when ``chat``)
+    and the index of its last subject token."""
+    if chat:
+        template = chat_template(tokenizer, template)
+    ids = encode(tokenizer, template.replace("{}", subject, 1), chat)
+    return ids, subject_last_index(tokenizer, template, subject, chat)
 
 
 def build_value_prompts(
@@ -66,7 +84,7 @@ def build_value_prompts(
     loss reads hold exactly the target's tokens.
     """
     tokens = tokens or PromptTokens(tokenizer)
-    target_ids = target_token_ids(tokenizer, request.target_new)
+    target_ids = target_token_ids(tokenizer, request.target_new, request.chat)
     input_ids, lookup, starts = [], [], []
     for ctx in contexts:
         prompt_ids, lk = tokens.subject_prompt(request, ctx)
@@ -74,8 +92,9 @@ def build_value_prompts(
         starts.append(len(prompt_ids) - 1)
         input_ids.append(prompt_ids + target_ids[:-1])
     for kl in KL_PROMPTS:
-        input_ids.append(encode(tokenizer, kl.replace("{}", request.subject, 1)))
-        lookup.append(subject_last_index(tokenizer, kl, request.subject))
+        ids, lk = located(tokenizer, kl, request.subject, request.chat)
+        input_ids.append(ids)
+        lookup.append(lk)
     return ValuePrompts(input_ids, lookup, target_ids, starts, len(contexts))
 
 
