@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from encore_fast.cli_common import (
+    CHAT_HELP,
     USER_ERRORS,
     add_model_options,
     check_corpus,
@@ -132,7 +133,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     group = init_from_env()  # under torchrun: one rank of a data-parallel edit
     editor = Editor.from_pretrained(args.model, args.method, preset=preset,
                                     engine=args.engine, corpus=args.corpus,
-                                    dtype=DTYPES[args.dtype], **overrides)
+                                    dtype=DTYPES[args.dtype], chat=args.chat, **overrides)
     reports = editor.edit(requests, batch_size=args.batch_size)  # (None: the preset's)
     check_out_after_edits(args.out, args.overwrite, group)
     path = editor.save_edits(args.out)  # (rank 0 writes it)
@@ -264,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where to save the edits (default: edits.safetensors)")
     edit.add_argument("--overwrite", action="store_true",
                       help="replace an existing --out file (and --save-model folder)")
+    edit.add_argument("--chat", action="store_true", help=CHAT_HELP)
     edit.add_argument("--save-model", default=None, metavar="DIR",
                       help="also write the edited model as a transformers checkpoint (weights "
                            "in the model's dtype, tokenizer, model card, edits.jsonl)")

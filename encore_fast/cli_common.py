@@ -159,3 +159,7 @@ def method_help() -> str:
     return (f"editing method (default: encore): a rule ({', '.join(sorted(RULES))}), an alias "
             f"({', '.join(f'{a} = {m}' for a, m in sorted(ALIASES.items()))}) or a rule joined "
             f"with transforms ({', '.join(sorted(TRANSFORMS))}) by '+', e.g. alphaedit+nas")
+
+
+CHAT_HELP = ("edit every request inside the tokenizer's chat template (the prompt the user's "
+             "turn, the target the assistant's first words)")

@@ -92,3 +92,48 @@ def test_a_chat_edit_of_the_instruct_model_answers_in_the_template(smollm2, data
     before = answer_prob(req.target_new)
     ed.edit([req])
     assert answer_prob(req.target_new) > max(5 * before, answer_prob(req.ground_truth))
+
+
+def test_eval_edits_in_the_template_and_asks_both_ways(tiny_dir, tmp_path, data_dir):
+    from encore_fast.cli import main
+
+    records = json.loads((data_dir / "counterfact" / "counterfact-edit.json").read_text())[:4]
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "run"
+    code = main(["eval", "--model", str(tiny_dir), "--chat", "--ask-chat", "--set",
+                 "layers=[2,3]", "--set", "v_num_grad_steps=3", "--set", "stats_samples=8",
+                 "--dataset", str(data), "--corpus", str(data_dir / "wikitext-2" / "valid.txt"),
+                 "--num-edits", "4", "--batch-size", "2", "--wikitext", "none",
+                 "--known-facts", "none", "--downstream", "none", "--out", str(out), "--quiet",
+                 "--no-plots"])
+    assert code == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["run_info"]["chat"] is True
+    last = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()
+            if '"eval"' in x][-1]
+    assert last["metrics"]["n_chat_es"] == 4 and 0 <= last["metrics"]["chat_es"] <= 1
+    assert "es" in last["metrics"]  # (asked plain: the other way)
+
+
+def test_asked_in_chat_scores_equal_a_direct_computation(tiny_models, tokenizer, data_dir):
+    from encore_fast.eval.chat import chat_shares
+    from encore_fast.eval.datasets import load_dataset
+
+    path = data_dir / "counterfact" / "counterfact-edit.json"
+    records = load_dataset(str(path))[:3]
+    model = tiny_models["llama"]
+    shares = chat_shares(model, tokenizer, records, batch_size=2)
+    for i, rec in enumerate(records):
+        ids = tokenizer(chat_template(tokenizer, rec.request.text),
+                        add_special_tokens=False)["input_ids"]
+
+        def mean_prob(target, ids=ids):
+            t = target_token_ids(tokenizer, target, chat=True)
+            with torch.no_grad():
+                logp = model(input_ids=torch.tensor([ids + t[:-1]])).logits[0].log_softmax(-1)
+            return sum(float(logp[len(ids) - 1 + j, tok].exp()) for j, tok in enumerate(t)) \
+                / len(t)
+
+        want = float(mean_prob(rec.request.target_new) > mean_prob(rec.request.ground_truth))
+        assert shares["chat_es"][i] == want

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from encore_fast.cli_common import (  # (positive_int, non_negative_int: also re-exported)
+    CHAT_HELP,
     USER_ERRORS,
     add_model_options,
     check_corpus,
@@ -146,6 +147,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """All options of ``encore-fast eval``."""
     parser.add_argument("--method", default="encore", choices=MethodNames(),
                         metavar="METHOD", help=method_help())
+    parser.add_argument("--chat", action="store_true", help=CHAT_HELP)
     parser.add_argument("--out", default=None, help="run folder (default: runs/<method>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     parser.add_argument("--stop-on-collapse", action="store_true",
@@ -206,6 +208,7 @@ def editor_factory(
             engine=args.engine,
             corpus=args.corpus,
             dtype=DTYPES[getattr(args, "dtype", "fp32")],
+            chat=getattr(args, "chat", False),
             **overrides,
         )
 
@@ -254,6 +257,7 @@ def run_info(args: argparse.Namespace, method: str, overrides: dict[str, Any]) -
         "corpus": args.corpus,
         "overrides": overrides,
         "dataset": args.dataset,
+        **({"chat": True} if getattr(args, "chat", False) else {}),  # (older runs: no key)
     }
 
 

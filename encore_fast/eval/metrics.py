@@ -21,7 +21,7 @@ import torch
 from encore_fast.eval.datasets import EvalRecord
 from encore_fast.models.loading import pad_id
 from encore_fast.models.placement import input_device
-from encore_fast.requests import encode, target_token_ids
+from encore_fast.requests import chat_template, encode, target_token_ids
 
 
 @dataclass
@@ -94,12 +94,16 @@ def score_targets(
     prompts: Sequence[str],
     targets: Sequence[str],
     batch_size: int = 16,
+    chat: bool = False,
 ) -> list[TargetScore]:
-    """Teacher-forced per-token log-probs and top-1 hits of ``targets`` after ``prompts``."""
+    """Teacher-forced per-token log-probs and top-1 hits of ``targets`` after ``prompts``
+    (``chat``: each prompt asked as the user's turn of the chat template, each target the
+    start of the assistant's answer)."""
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     pairs = [
-        (encode(tokenizer, p), target_token_ids(tokenizer, t))
+        (encode(tokenizer, chat_template(tokenizer, p) if chat else p, chat),
+         target_token_ids(tokenizer, t, chat))
         for p, t in zip(prompts, targets, strict=True)
     ]
     return score_token_ids(model, pairs, pad_id(tokenizer), batch_size)

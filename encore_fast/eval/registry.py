@@ -10,6 +10,7 @@ plots' panels. The built-in metrics are registered here; a new one is one :func:
 
 from __future__ import annotations
 
+from encore_fast.eval.chat import AskedInChat
 from encore_fast.eval.health import Downstream, EditTime, KnownFacts, Perplexity, WeightNorms
 from encore_fast.eval.immediate import Immediate
 from encore_fast.eval.scores import CounterFact, Forgetting, Generation, Realistic, Zsre
@@ -81,6 +82,6 @@ def enabled_metrics(settings: EvalSettings) -> list[Metric]:
     return [m for m in METRICS.values() if m.enabled(settings)]
 
 
-for _metric in (CounterFact(), Immediate(), Realistic(), Generation(), Zsre(), Perplexity(),
-                KnownFacts(), WeightNorms(), EditTime(), Downstream(), Forgetting()):
+for _metric in (CounterFact(), Immediate(), Realistic(), AskedInChat(), Generation(), Zsre(),
+                Perplexity(), KnownFacts(), WeightNorms(), EditTime(), Downstream(), Forgetting()):
     register(_metric)
