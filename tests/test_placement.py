@@ -68,3 +68,28 @@ def test_state_device_is_checked_and_used(tiny_models, tokenizer, corpus, data_d
     ed.edit(counterfact_requests(data_dir, 60, 3))
     assert {l: st.c0.device.type for l, st in ed.layer_states().items()} == {2: "cpu", 3: "cpu"}
     assert all(st.s is not None and st.s.device.type == "cpu" for st in ed.layer_states().values())
+
+
+@pytest.mark.parametrize(("method", "over"), [
+    ("memit-seq+rect", {}), ("alphaedit+nas", {"nas.anchor": 1.0, "alpha": 1.0}),
+    ("evoedit", {"alpha": 1.0}),
+    ("ultraedit", {"gate_layers": [1], "up_layers": [2], "lr": 0.01, "group_size": 3}),
+])
+def test_new_methods_on_offloaded_layers(tiny_models, tokenizer, corpus, data_dir, method, over):
+    """Transforms, rule state and other edited modules go through accelerate's hooks too."""
+    plain = copy.deepcopy(tiny_models["llama"])
+    split = _offload(copy.deepcopy(tiny_models["llama"]), [1, 2, 3])
+    reqs = counterfact_requests(data_dir, 60, 6)
+    eds = {}
+    for name, model in (("plain", plain), ("split", split)):
+        if method == "ultraedit":
+            ed = small_editor(model, tokenizer, corpus, method, layers=[2, 3], **over)
+        else:
+            ed = small_editor(model, tokenizer, corpus, method, **over)
+        ed.edit(reqs, batch_size=3)
+        eds[name] = ed
+    for site in eds["plain"].sites:
+        torch.testing.assert_close(ModelView(split).weight(site), ModelView(plain).weight(site),
+                                   rtol=0, atol=1e-6)
+        assert not torch.equal(ModelView(plain).weight(site),
+                               ModelView(tiny_models["llama"]).weight(site))
