@@ -74,7 +74,11 @@ class EditRequest:
         return f"{tag} ({self.text!r} -> {self.target_new!r})"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The request's fields (``chat`` only when true: plain requests read as before)."""
+        d = asdict(self)
+        if not d["chat"]:
+            del d["chat"]
+        return d
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> EditRequest:

@@ -187,7 +187,7 @@ def test_unregistered_metric_is_gone_and_registration_is_checked(tmp_path):
     assert "mean_logit" not in summarize_run(load_run(out))
 
 
-BUILTIN = ["counterfact", "immediate", "realistic", "generation", "zsre", "perplexity",
+BUILTIN = ["counterfact", "immediate", "realistic", "chat", "generation", "zsre", "perplexity",
            "known_facts", "weight_norms", "edit_time", "downstream", "forgetting"]
 # (the issue "A benchmark you can trust" added the n beside each score: n_<score>, n_known,
 # n_known_before, n_ppl_windows, n_ppl_tokens, and real_s)

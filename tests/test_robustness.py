@@ -85,17 +85,17 @@ def test_first_batch_failure_leaves_nothing_to_undo(tiny, tokenizer, corpus, dat
     ed = _editor(tiny, tokenizer, corpus)
     ed.layer_states()
     before = _state_hash(ed)
-    import encore_fast.editor as editor_mod
+    from encore_fast.matrices import EditedMatrices
 
-    real = editor_mod.Editor._apply
+    real = EditedMatrices.apply
     calls = {"n": 0}
 
-    def apply_then_overflow(self, layer, u, v):
+    def apply_then_overflow(self, layer, u, v, mask=None):
         calls["n"] += 1
-        w, d = real(self, layer, u, v)
+        w, d = real(self, layer, u, v, mask)
         return (float("inf"), d) if calls["n"] == 2 else (w, d)
 
-    monkeypatch.setattr(editor_mod.Editor, "_apply", apply_then_overflow)
+    monkeypatch.setattr(EditedMatrices, "apply", apply_then_overflow)
     with pytest.raises(EditError, match="layer 3: the edited weights are not finite"):
         ed.edit(_requests(data_dir, 0, 2))
     assert _state_hash(ed) == before and ed.num_batches == 0

@@ -107,3 +107,36 @@ def test_fast_values_match_reference_on_smollm2(smollm2, records):
     for r, g in zip(ref, got, strict=True):
         assert float((g.z - r.z).norm() / r.z.norm()) < 1e-4
         assert (g.steps, g.updates, g.mpes_stopped) == (r.steps, r.updates, r.mpes_stopped)
+
+
+def _target_logprob(model, tok, reqs):
+    """Mean teacher-forced log-probability of each request's target after its prompt."""
+    from encore_fast.eval.metrics import score_targets
+
+    scores = score_targets(model, tok, [r.text for r in reqs], [r.target_new for r in reqs])
+    return sum(float(s.log_probs.mean()) for s in scores) / len(scores)
+
+
+@pytest.mark.parametrize(("method", "over"), [
+    ("emmet", {"lambda_p": 5000.0}), ("evoedit", {"alpha": 1.0}),
+    ("rlsedit", {"lambda_p": 5000.0, "lambda_n": 20.0}),
+    ("alphaedit+nas", {"nas.anchor_samples": 12}), ("alphaedit+sphere", {}),
+    ("memit-seq+rect", {"lambda_p": 5000.0}), ("memit-seq+prune", {"lambda_p": 5000.0}),
+    ("ultraedit", {"lr": 1e-4}),
+])
+def test_each_new_method_edits_smollm2(smollm2, c0, records, method, over, tmp_path):
+    """One real run per method: its edits of the bundled model raise the targets'
+    probability, and no weight but the method's own matrices changes."""
+    model, tok = smollm2
+    model = copy.deepcopy(model)
+    reqs = [EditRequest.from_dict(r) for r in records[200:206]]
+    before = _target_logprob(model, tok, reqs)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ed = Editor(model, tok, method, "smollm2-135m", stats=c0, progress=False,
+                stats_cache=tmp_path, **{"v_num_grad_steps": 12, **over})
+    ed.edit(reqs, batch_size=len(reqs))
+    assert _target_logprob(model, tok, reqs) > before + 0.1
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, original[n])}
+    view = ModelView(model)
+    assert changed == {n for n, p in model.named_parameters()
+                       if any(p is view.linear(s).weight for s in ed.sites)}

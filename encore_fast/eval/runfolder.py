@@ -44,8 +44,15 @@ UNCOMPARED = ("provenance",)  # config keys a resume does not compare (it append
 
 
 def stream_hash(stream: Sequence[EvalRecord]) -> str:
-    """The SHA-256 of the edit stream (records in edit order), recorded in the config."""
-    text = json.dumps([json_safe(rec) for rec in stream], sort_keys=True)
+    """The SHA-256 of the edit stream (records in edit order), recorded in the config. A plain
+    request (``chat`` false) is hashed without that field, as before it existed, so older run
+    folders still resume."""
+    records = [json_safe(rec) for rec in stream]
+    for rec in records:
+        request = rec.get("request") if isinstance(rec, dict) else None
+        if isinstance(request, dict) and request.get("chat") is False:
+            del request["chat"]
+    text = json.dumps(records, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
