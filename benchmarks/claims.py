@@ -58,6 +58,20 @@ def refactor_speed(root: Path) -> str:
     return "\n".join(lines)
 
 
+@generator("chat-26")
+def chat_template_edits(root: Path) -> str:
+    """Plain vs chat-template edits, each asked both ways (``results/chat-26``)."""
+    folder = root / "benchmarks" / "results" / "chat-26"
+    data = json.loads((folder / "summary.json").read_text())
+    machine = data["stamp"].get("machine", "")
+    return ((folder / "table.md").read_text().strip() + "\n\n"
+            f"200 CounterFact edits (`counterfact-edit.json` records 0–199, 2 batches of 100, "
+            f"ENCORE, preset `smollm2-135m`, bf16 + masters) of the bundled "
+            f"SmolLM2-135M-Instruct; ES = P(new) > P(true), teacher-forced, with Wilson 95% "
+            f"intervals and paired bootstrap differences over the same facts "
+            f"(`bash scripts/chat26.sh; python benchmarks/chat26_report.py`; {machine}).")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true", help="only compare; exit 1 on a difference")
