@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 import torch
 
 from encore_fast.config import EditConfig
-from encore_fast.errors import ConfigError
 from encore_fast.methods.base import LayerState, eye_like
+from encore_fast.methods.checks import choice, number
 from encore_fast.methods.memit import MemitSequential
 
 
@@ -29,13 +29,9 @@ class Emmet(MemitSequential):
 
     @staticmethod
     def check_settings(settings: dict[str, Any]) -> None:
-        for key in ("lambda_u", "lambda_e"):
-            v = settings[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
-                raise ConfigError(f"emmet.{key} must be a finite number >= 0, got {v!r}")
-        if not isinstance(settings["single_equality"], bool):
-            raise ConfigError(f"emmet.single_equality must be true or false, got "
-                              f"{settings['single_equality']!r}")
+        number("emmet.lambda_u", settings["lambda_u"])
+        number("emmet.lambda_e", settings["lambda_e"])
+        choice("emmet.single_equality", settings["single_equality"], (True, False))
 
     def base_matrix(self, state: LayerState, cfg: EditConfig) -> torch.Tensor:
         """``C = λ_p C0 + λ_u I + S`` (SPD)."""

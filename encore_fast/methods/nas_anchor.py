@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 from encore_fast.data import locate
 from encore_fast.errors import ConfigError
 from encore_fast.io import atomic_write_text
+from encore_fast.methods.checks import number
 from encore_fast.methods.transforms import ValueContext
 from encore_fast.requests import read_requests_file
 from encore_fast.values.keys import SubjectForwards
@@ -33,23 +33,14 @@ _CHUNK = 50  # requests optimised together
 
 def check_anchor_settings(opts: dict[str, Any]) -> None:
     """NAS's own settings: numbers in range, a data set name or file (a ConfigError else)."""
-    mu, n, trim, skip = (opts[k] for k in ("anchor", "anchor_samples", "anchor_trim",
-                                          "skip_factor"))
-    if mu is not None and not (_number(mu) and math.isfinite(mu) and mu > 0):
-        raise ConfigError(f"nas.anchor must be None (computed) or a number > 0, got {mu!r}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"nas.anchor_samples must be an integer >= 1, got {n!r}")
-    if not (_number(trim) and 0 <= trim < 1):
-        raise ConfigError(f"nas.anchor_trim must be a number in [0, 1), got {trim!r}")
-    if not (_number(skip) and skip > 0):
-        raise ConfigError(f"nas.skip_factor must be a number > 0, got {skip!r}")
+    if opts["anchor"] is not None:  # (None: computed)
+        number("nas.anchor", opts["anchor"], open_low=True)
+    number("nas.anchor_samples", opts["anchor_samples"], 1, integer=True)
+    number("nas.anchor_trim", opts["anchor_trim"], 0, 0.99)
+    number("nas.skip_factor", opts["skip_factor"], open_low=True)
     if not isinstance(opts["anchor_data"], str) or not opts["anchor_data"]:
         raise ConfigError(f"nas.anchor_data must be a data set name or a file, got "
                           f"{opts['anchor_data']!r}")
-
-
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def anchor(ctx: ValueContext, opts: dict[str, Any], memo: dict[str, float]) -> float:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from encore_fast.errors import ConfigError
+from encore_fast.methods.checks import choice, number
 from encore_fast.methods.transforms import LowRankUpdate, UpdateContext, UpdateTransform
 
 
@@ -25,11 +25,8 @@ class Rect(UpdateTransform):
 
     @staticmethod
     def check_settings(s: dict[str, Any]) -> None:
-        keep = s["keep"]
-        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
-            raise ConfigError(f"rect.keep must be a fraction in (0, 1], got {keep!r}")
-        if s["select"] not in ("top", "kthvalue"):
-            raise ConfigError(f"rect.select: 'top' or 'kthvalue', not {s['select']!r}")
+        number("rect.keep", s["keep"], 0, 1, open_low=True)
+        choice("rect.select", s["select"], ("top", "kthvalue"))
 
     def apply(self, update: LowRankUpdate, ctx: UpdateContext) -> LowRankUpdate:
         o, w = self.opts(ctx.cfg), ctx.weight.flatten()

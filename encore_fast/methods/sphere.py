@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from encore_fast.errors import ConfigError
+from encore_fast.methods.checks import choice, number
 from encore_fast.methods.transforms import LowRankUpdate, UpdateContext, UpdateTransform
 
 
@@ -37,12 +38,9 @@ class Sphere(UpdateTransform):
 
     @staticmethod
     def check_settings(s: dict[str, Any]) -> None:
-        for k, x in s.items():
-            num = isinstance(x, (int, float)) and not isinstance(x, bool)
-            if not (x in ("pretrained", "current") if k == "weights" else num and x <= 1 and (
-                    x > 0 if k == "eta" else x >= 0)):
-                raise ConfigError(f"sphere.{k} = {x!r}: eta must be in (0, 1], a in [0, 1], "
-                                  "weights 'pretrained' or 'current'")
+        number("sphere.eta", s["eta"], 0, 1, open_low=True)
+        number("sphere.a", s["a"], 0, 1)
+        choice("sphere.weights", s["weights"], ("pretrained", "current"))
 
     def apply(self, update: LowRankUpdate, ctx: UpdateContext) -> LowRankUpdate:
         o, cache = self.opts(ctx.cfg), ctx.state.cache

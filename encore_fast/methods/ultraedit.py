@@ -19,6 +19,7 @@ import torch
 
 from encore_fast.errors import ConfigError
 from encore_fast.methods.base import LayerState, UpdateRule
+from encore_fast.methods.checks import number
 from encore_fast.methods.normaliser import fold, normalised, record
 from encore_fast.methods.transforms import LowRankUpdate
 from encore_fast.values.gradients import answer_rows
@@ -37,12 +38,8 @@ class UltraEdit(UpdateRule):
 
     @staticmethod
     def check_settings(opts: dict[str, Any]) -> None:
-        if not (isinstance(opts["lr"], (int, float)) and opts["lr"] > 0):
-            raise ConfigError(f"ultraedit.lr must be a number > 0, got {opts['lr']!r}")
-        if isinstance(opts["group_size"], bool) or not isinstance(opts["group_size"], int) \
-                or opts["group_size"] < 1:
-            raise ConfigError(f"ultraedit.group_size must be an integer >= 1, got "
-                              f"{opts['group_size']!r}")
+        number("ultraedit.lr", opts["lr"], open_low=True)
+        number("ultraedit.group_size", opts["group_size"], 1, integer=True)
         layers = [*opts["gate_layers"], *opts["up_layers"]]
         if not layers or not all(isinstance(x, int) and x >= 0 for x in layers):
             raise ConfigError("ultraedit.gate_layers / up_layers must be lists of layer "
