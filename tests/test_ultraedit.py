@@ -148,3 +148,13 @@ def test_bf16_and_clear_errors(tiny_models, tokenizer, data_dir):
         _editor(copy.deepcopy(tiny_models["gpt2"]), tokenizer, gate_layers=[1])
     with pytest.raises(ConfigError, match="ultraedit.lr"):
         _editor(copy.deepcopy(tiny_models["llama"]), tokenizer, lr=0)
+
+
+def test_gguf_names_of_the_edited_sites():
+    from encore_fast.export import gguf_name
+
+    assert gguf_name(4) == "blk.4.ffn_down.weight"
+    assert gguf_name("mlp_gate.10") == "blk.10.ffn_gate.weight"
+    assert gguf_name("mlp_up.17") == "blk.17.ffn_up.weight"
+    with pytest.raises(ConfigError, match="no GGUF tensor"):
+        gguf_name("attn_out.3")
