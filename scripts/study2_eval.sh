@@ -3,7 +3,8 @@
 # far as the run goes) with the protocol's settings: the nested sample of 1,000 edited facts,
 # realistic accuracy, the first 1,000 facts' forgetting curve, 400 examples per downstream task,
 # every known fact, WikiText-2 perplexity. The unedited model's evaluation depends only on the
-# stream, so the first run's is shared by the others. Resumable; --follow waits for snapshots.
+# stream, so the first run's is shared by the others. A run that meets the collapse rule is not
+# evaluated after it (its points up to there stay). Resumable; --follow waits for snapshots.
 #   bash scripts/study2_eval.sh encore [--follow]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +29,7 @@ if [ ! -f "$OUT/evals.jsonl" ] && [ -f "$BASE/evals.jsonl" ]; then
   cp "$BASE/snapshot-00000.jsonl.gz" "$OUT/outcomes/"
 fi
 .venv/bin/encore-fast eval-snapshots "$OUT" --dtype bf16 --dataset "$DATASET" --protocol study \
-  --downstream auto --known-n 0 --at "$AT" --quiet "$@"
+  --downstream auto --known-n 0 --at "$AT" --stop-on-collapse --quiet "$@"
 if [ ! -f "$BASE/evals.jsonl" ]; then
   mkdir -p "$BASE.tmp"
   head -n 1 "$OUT/evals.jsonl" > "$BASE.tmp/evals.jsonl"

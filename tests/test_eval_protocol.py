@@ -348,6 +348,23 @@ def test_stop_on_collapse_ends_a_run_after_two_collapsed_evaluations(tmp_path, d
     assert not (tmp_path / "d").exists()
 
 
+def test_snapshot_evaluations_stop_after_a_collapse(tmp_path, data):
+    """A deferred run is edited to its end; its snapshots are evaluated up to its collapse."""
+    settings = EvalSettings(**{**data, "known_facts": None})
+    out = tmp_path / "run"
+    go(editor(Exploding), out, dataclasses.replace(settings, defer=True))
+    assert len(list((out / "snapshots").glob("weights-*.safetensors"))) == N // 4 + 1
+    for _ in range(2):  # (again: nothing more is evaluated)
+        fresh = Exploding(words=WORDS)
+        run_mod.evaluate_snapshots(out, fresh.model, fresh.tokenizer, stream(), settings,
+                                   progress=False, stop_on_collapse=True)
+        assert [x["edits_done"] for x in evals(out, "evals.jsonl")] == [0, 4, 8, 12, 16]
+    fresh = Exploding(words=WORDS)  # (a fresh original: the last call loaded snapshots)
+    run_mod.evaluate_snapshots(out, fresh.model, fresh.tokenizer, stream(), settings,
+                               progress=False)  # (without the rule: every snapshot)
+    assert [x["edits_done"] for x in evals(out, "evals.jsonl")] == list(range(0, N + 1, 4))
+
+
 # --- immediate efficacy -----------------------------------------------------------------------
 
 def test_immediate_efficacy_in_batch_lines_out_of_their_seconds(tmp_path, monkeypatch):

@@ -158,3 +158,15 @@ def test_gguf_names_of_the_edited_sites():
     assert gguf_name("mlp_up.17") == "blk.17.ffn_up.weight"
     with pytest.raises(ConfigError, match="no GGUF tensor"):
         gguf_name("attn_out.3")
+
+
+def test_weight_snapshots_hold_the_edited_sites(tiny_models, tokenizer, data_dir, tmp_path):
+    from encore_fast.eval.snapshots import load_snapshot, save_snapshot
+
+    ed = _editor(copy.deepcopy(tiny_models["llama"]), tokenizer)
+    ed.edit(counterfact_requests(data_dir, 0, 3), batch_size=3)
+    save_snapshot(ed, tmp_path / "w.safetensors", {"edits_done": 3})
+    fresh = copy.deepcopy(tiny_models["llama"])
+    load_snapshot(fresh, tmp_path / "w.safetensors", ed.fingerprint)
+    for site in ed.sites:
+        assert torch.equal(ModelView(fresh).weight(site), ed.view.weight(site))

@@ -313,6 +313,9 @@ def add_snapshot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--at", type=edit_counts, default=None, metavar="N,N,...",
                         help="evaluate only the snapshots after these numbers of edits (and "
                              "the unedited one), e.g. 1000,2000,3000,5000,7500,10000")
+    parser.add_argument("--stop-on-collapse", action="store_true",
+                        help="evaluate no snapshot after the evaluations so far meet the "
+                             "study's collapse rule")
     add_common_arguments(parser)
 
 
@@ -344,8 +347,8 @@ def run_eval_snapshots(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])  # (in eval mode)
         check_eval_tokenizer(settings, tokenizer)
         evaluate_snapshots(run, model, tokenizer, records, settings, follow=args.follow,
-                           at=args.at,
-                           progress=not args.quiet)
+                           at=args.at, progress=not args.quiet,
+                           stop_on_collapse=args.stop_on_collapse)
     except USER_ERRORS as exc:
         print(error_line("eval-snapshots", exc), file=sys.stderr)
         return 2

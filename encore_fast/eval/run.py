@@ -281,9 +281,12 @@ def evaluate_snapshots(
     poll_seconds: float = 60.0,
     progress: bool = True,
     at: Collection[int] | None = None,
+    stop_on_collapse: bool = False,
 ) -> Path:
     """Evaluate every snapshot of a run (oldest first) that ``evals.jsonl`` does not hold yet
-    (``at``: only those after these numbers of edits, and the unedited one).
+    (``at``: only those after these numbers of edits, and the unedited one; with
+    ``stop_on_collapse``, none after the evaluations so far meet the study's collapse rule:
+    the run's last points are those up to its collapse).
 
     ``model`` is a fresh copy of the run's original model (same dtype): each snapshot's weights
     are put into it in turn. ``records`` is the run's stream (checked against its hash).
@@ -306,6 +309,9 @@ def evaluate_snapshots(
     try:
         while True:
             for b, path in _pending_snapshots(folder, done, wanted).items():
+                if stop_on_collapse and _collapsed(folder.path):
+                    follow = False
+                    break
                 start = time.perf_counter()
                 info = load_snapshot(model, path, fingerprint)
                 line = _eval_line(evaluator, model, b, info["edits_done"],
@@ -321,6 +327,12 @@ def evaluate_snapshots(
     finally:
         bar.close()
     return evals
+
+
+def _collapsed(run_dir: Path) -> bool:
+    """Whether a run's evaluations so far meet the study's collapse rule."""
+    run = load_run(run_dir)
+    return judged(run) and run_collapse(run) is not None
 
 
 def _run_stream(folder: RunFolder, config: Mapping[str, Any],

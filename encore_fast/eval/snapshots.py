@@ -27,8 +27,10 @@ _NAME = re.compile(r"^weights-(\d{5,})\.safetensors$")
 
 
 def save_snapshot(editor: Any, path: str | os.PathLike[str], info: Mapping[str, Any]) -> Path:
-    """Write ``editor``'s edited weights (as its model holds them) and ``info`` atomically."""
-    wanted = {id(editor.view.weight(l)) for l in editor.hparams.layers}
+    """Write ``editor``'s edited weights (as its model holds them: every edited site's, e.g.
+    UltraEdit's gate and up projections) and ``info`` atomically."""
+    sites = getattr(editor, "sites", None) or editor.hparams.layers
+    wanted = {id(editor.view.weight(s)) for s in sites}
     tensors = {name: p.detach() for name, p in editor.model.named_parameters()
                if id(p) in wanted}
     meta = {"format": SNAPSHOT_FORMAT, "model_fingerprint": editor.fingerprint,
