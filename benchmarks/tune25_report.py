@@ -48,9 +48,10 @@ def outcome(run: Path) -> dict[str, Any] | None:
 
 def choose(rows: list[dict[str, Any]]) -> str | None:
     """The rule: the qualifying candidate (ppl ratio <= 1.10) with the highest S, the first
-    listed on a tie; none qualifying: the lowest perplexity ratio."""
+    listed on a tie; none qualifying: the lowest perplexity ratio. None until every candidate
+    of the method has run."""
     done = [r for r in rows if r["outcome"] is not None]
-    if not done:
+    if not done or len(done) < len(rows):
         return None
     ok = [r for r in done if r["outcome"]["ppl_ratio"] <= PPL_LIMIT]
     if ok:

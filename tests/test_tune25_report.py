@@ -26,6 +26,7 @@ def test_the_rule(report):
     assert report.choose(rows) == "c"  # (a scores higher but breaks the perplexity bound)
     assert report.choose([_row("a", 0.9, 1.3), _row("b", 0.1, 1.2)]) == "b"
     assert report.choose([{"name": "x", "outcome": None}]) is None
+    assert report.choose([_row("a", 0.9, 1.0), {"name": "x", "outcome": None}]) is None
 
 
 def test_candidates_are_at_most_four_per_method(report):
