@@ -15,6 +15,7 @@ One safetensors file holds the edits of one editor:
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -266,10 +267,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """The boolean tensor of ``shape`` that :func:`pack_bits` packed."""
     bits = (packed.to(torch.uint8)[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1
-    n = 1
-    for d in shape:
-        n *= d
-    return bits.reshape(-1)[:n].bool().reshape(shape)
+    return bits.reshape(-1)[: math.prod(shape)].bool().reshape(shape)
 
 
 def _read_mask(path: Path, packed: torch.Tensor, w_shape: tuple[int, ...],

@@ -81,9 +81,9 @@ class Engine:
                      settings: EditConfig) -> list[ValueResult]:
             return self.values(view, tok, rs, contexts, PromptTokens(tok), settings)
 
-        cache = editor.stats_cache
-        where = None if cache is False else Path(cache) if cache not in (None, True) else (
-            cache_dir())
+        cache = editor.stats_cache  # (False: none; None or True: the default cache; a folder)
+        where = None if cache is False else cache_dir() if cache is None or cache is True \
+            else Path(cache)
         return ValueContext(view, tok, reqs, values, cfg, optimize, editor.fingerprint, where,
                             editor.num_batches > 0, editor.progress)
 

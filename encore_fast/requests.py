@@ -205,6 +205,13 @@ def chat_template(tokenizer: Any, template: str) -> str:
     return before + template + after
 
 
+def prompt_ids(tokenizer: Any, text: str, chat: bool = False) -> list[int]:
+    """Token ids of a prompt as the model is asked it: plain (with BOS), or as the user's turn
+    of the chat template (``chat``), up to where the assistant's answer starts."""
+    return encode(tokenizer, chat_template(tokenizer, text), True) if chat else encode(
+        tokenizer, text)
+
+
 def subject_last_index(tokenizer: Any, template: str, subject: str, chat: bool = False) -> int:
     """Index of the last subject token in ``template.format(subject)`` tokenised with BOS
     (``chat``: a template already in the chat template, tokenised as :func:`encode` does).
@@ -258,16 +265,13 @@ def validate_requests(
                     f"{label}: the subject {req.subject!r} occurs in the prompt only inside a "
                     "longer word; write the prompt as a template with '{}' where the subject "
                     "goes")
-        if tokenizer is not None and req.chat:
-            try:
-                chat_template(tokenizer, "")
+        if tokenizer is not None and (req.chat or max_length is not None):
+            try:  # (a chat request of a tokenizer without a template: refused here)
+                ids = prompt_ids(tokenizer, req.text, req.chat)
             except RequestError as exc:
                 raise RequestError(f"{label}: {exc}") from None
-        if tokenizer is not None and max_length is not None:
-            text = chat_template(tokenizer, req.text) if req.chat else req.text
-            n = (len(encode(tokenizer, text, req.chat))
-                 + len(target_token_ids(tokenizer, req.target_new, req.chat)))
-            if n > max_length:
+            n = len(ids) + len(target_token_ids(tokenizer, req.target_new, req.chat))
+            if max_length is not None and n > max_length:
                 raise RequestError(
                     f"{label}: prompt + target is {n} tokens, longer than the "
                     f"{max_length} the editor allows for this model"

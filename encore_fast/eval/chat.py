@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from encore_fast.eval.datasets import EvalRecord
-from encore_fast.eval.metrics import Shares, group_counts, group_means, score_targets
+from encore_fast.eval.metrics import Shares, efficacy_shares, group_counts, group_means
 from encore_fast.eval.scores import scored_rows, share_series
 from encore_fast.eval.seam import OUTCOME_ROWS, EvalPoint, Metric, Option
 
@@ -24,18 +24,8 @@ KEYS = ("chat_es", "chat_top1")
 def chat_shares(model: Any, tokenizer: Any, records: Sequence[EvalRecord],
                 batch_size: int) -> Shares:
     """Per record (0/1): ``chat_top1`` and, for records with a true answer, ``chat_es``."""
-    prompts = [rec.request.text for rec in records]
-    new = score_targets(model, tokenizer, prompts, [r.request.target_new for r in records],
-                        batch_size, chat=True)
-    shares: Shares = {"chat_top1": {i: float(bool(s.correct.all())) for i, s in enumerate(new)}}
-    known = [i for i, rec in enumerate(records) if rec.request.ground_truth is not None]
-    if known:
-        true = score_targets(model, tokenizer, [prompts[i] for i in known],
-                             [records[i].request.ground_truth or "" for i in known],
-                             batch_size, chat=True)
-        shares["chat_es"] = {i: float(new[i].mean_prob > t.mean_prob)
-                             for i, t in zip(known, true, strict=True)}
-    return shares
+    shares = efficacy_shares(model, tokenizer, records, batch_size, chat=True)
+    return {f"chat_{key}": values for key, values in shares.items()}
 
 
 class AskedInChat(Metric):

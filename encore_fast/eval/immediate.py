@@ -19,7 +19,7 @@ from typing import Any
 from encore_fast.eval import estimates
 from encore_fast.eval.datasets import EvalRecord
 from encore_fast.eval.generation import realistic_scores
-from encore_fast.eval.metrics import Shares, group_means, score_targets
+from encore_fast.eval.metrics import Shares, efficacy_shares, group_means
 from encore_fast.eval.outcomes import Row, record_rows
 from encore_fast.eval.results import RunData
 from encore_fast.eval.seam import Metric, Option, cell
@@ -32,17 +32,7 @@ def batch_shares(model: Any, tokenizer: Any, records: Sequence[EvalRecord],
                  settings: EvalSettings) -> Shares:
     """Per record (0/1): ``es`` (records with a true answer), ``top1`` and, with
     ``settings.realistic``, ``real_es``."""
-    prompts = [rec.request.text for rec in records]
-    new = score_targets(model, tokenizer, prompts, [r.request.target_new for r in records],
-                        settings.batch_size)
-    shares: Shares = {"top1": {i: float(bool(s.correct.all())) for i, s in enumerate(new)}}
-    known = [i for i, rec in enumerate(records) if rec.request.ground_truth is not None]
-    if known:
-        true = score_targets(model, tokenizer, [prompts[i] for i in known],
-                             [records[i].request.ground_truth or "" for i in known],
-                             settings.batch_size)
-        shares["es"] = {i: float(new[i].mean_prob > t.mean_prob)
-                        for i, t in zip(known, true, strict=True)}
+    shares = efficacy_shares(model, tokenizer, records, settings.batch_size)
     if settings.realistic and records[0].kind == "counterfact":
         _, _, real = realistic_scores(model, tokenizer, records, None, 0, settings.batch_size,
                                       groups=("es",))

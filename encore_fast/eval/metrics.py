@@ -21,7 +21,7 @@ import torch
 from encore_fast.eval.datasets import EvalRecord
 from encore_fast.models.loading import pad_id
 from encore_fast.models.placement import input_device
-from encore_fast.requests import chat_template, encode, target_token_ids
+from encore_fast.requests import encode, prompt_ids, target_token_ids
 
 
 @dataclass
@@ -102,8 +102,7 @@ def score_targets(
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     pairs = [
-        (encode(tokenizer, chat_template(tokenizer, p) if chat else p, chat),
-         target_token_ids(tokenizer, t, chat))
+        (prompt_ids(tokenizer, p, chat), target_token_ids(tokenizer, t, chat))
         for p, t in zip(prompts, targets, strict=True)
     ]
     return score_token_ids(model, pairs, pad_id(tokenizer), batch_size)
@@ -171,6 +170,25 @@ def counterfact_metrics(
 
 
 Shares = dict[str, dict[int, float]]  # group -> {record's position in the list: its share}
+
+
+def efficacy_shares(model: torch.nn.Module, tokenizer: Any, records: Sequence[EvalRecord],
+                    batch_size: int = 16, chat: bool = False) -> Shares:
+    """Per record (0/1), its rewrite prompt asked plain or (``chat``) in the chat template:
+    ``top1`` (every token of the new target is the top-1 prediction, teacher-forced) and, for
+    records with a true answer, ``es`` (P(new) > P(true))."""
+    prompts = [rec.request.text for rec in records]
+    new = score_targets(model, tokenizer, prompts, [r.request.target_new for r in records],
+                        batch_size, chat)
+    shares: Shares = {"top1": {i: float(bool(s.correct.all())) for i, s in enumerate(new)}}
+    known = [i for i, rec in enumerate(records) if rec.request.ground_truth is not None]
+    if known:
+        true = score_targets(model, tokenizer, [prompts[i] for i in known],
+                             [records[i].request.ground_truth or "" for i in known],
+                             batch_size, chat)
+        shares["es"] = {i: float(new[i].mean_prob > t.mean_prob)
+                        for i, t in zip(known, true, strict=True)}
+    return shares
 
 
 def counterfact_scores(

@@ -143,8 +143,8 @@ def build_method(method: str) -> Method:
 
 
 class MethodNames:
-    """The CLI's ``--method`` choices: lists the rules, transforms and aliases; accepts every
-    valid composition (``"alphaedit+nas"``)."""
+    """The CLI's ``--method`` choices: lists the rules and aliases; accepts every valid
+    composition (``"alphaedit+nas"``)."""
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted([*RULES, *ALIASES]))

@@ -32,8 +32,7 @@ class Rect(UpdateTransform):
         o, w = self.opts(ctx.cfg), ctx.weight.flatten()
         if o["keep"] >= 1:
             return update
-        dev = w.device
-        delta = LowRankUpdate(update.u.to(dev), update.v.to(dev), update.mask).dense().flatten()
+        delta = update.dense().flatten()  # (on the weight's device, as transforms get it)
         if o["select"] == "kthvalue":
             rel = (delta / (w + 1e-8)).abs()
             mask = rel >= rel.kthvalue(max(1, int(rel.numel() * (1 - o["keep"])))).values

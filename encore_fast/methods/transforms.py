@@ -84,16 +84,13 @@ class UpdateContext:
 class ValueTransform(Part):
     """A change of the batch's target values ``z`` ``[n, d_model]`` before the rule."""
 
-    kind = "value"
-
     def apply(self, zs: torch.Tensor, ctx: ValueContext) -> torch.Tensor:
         raise NotImplementedError
 
 
 class UpdateTransform(Part):
-    """A change of one layer's update after the rule solved it (before it is applied)."""
-
-    kind = "update"
+    """A change of one layer's update after the rule solved it (before it is applied; its
+    factors on the device of the layer's weight)."""
 
     def apply(self, update: LowRankUpdate, ctx: UpdateContext) -> LowRankUpdate:
         raise NotImplementedError

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from encore_fast.models.arch import ModelView, Site
 from encore_fast.models.loading import pad_id
-from encore_fast.requests import EditRequest, chat_template, encode, target_token_ids
+from encore_fast.requests import EditRequest, prompt_ids, target_token_ids
 from encore_fast.values.prompts import pad_batch
 
 
@@ -41,8 +41,7 @@ def _sequences(tokenizer: Any, requests: Sequence[EditRequest]) -> tuple[
     """Token ids of ``prompt + target`` and, per request, (first answer position, targets)."""
     seqs, answers = [], []
     for req in requests:
-        text = chat_template(tokenizer, req.text) if req.chat else req.text
-        prompt = encode(tokenizer, text, req.chat)
+        prompt = prompt_ids(tokenizer, req.text, req.chat)
         target = target_token_ids(tokenizer, req.target_new, req.chat)
         seqs.append(prompt + target)
         answers.append((len(prompt) - 1, target))
