@@ -33,6 +33,8 @@ def load_tiny(tiny_dir: str) -> tuple[Any, Any]:
 METHODS = {  # scenario -> (method, settings): the new kinds of method part, across ranks
     "rect": ("memit-seq+rect", {}),
     "ultraedit": ("ultraedit", dict(gate_layers=[1], up_layers=[2], lr=0.01, group_size=3)),
+    # a rule with persistent state (EvoEdit's P), a value transform and two update transforms
+    "stateful": ("evoedit+nas+sphere+prune", {"alpha": 1.0, "nas.anchor": 1.0}),
 }
 
 

@@ -99,8 +99,10 @@ def test_two_ranks_edit_like_one_process(tiny_dir, corpus, requests, tmp_path):
 @pytest.mark.parametrize("scenario", sorted(METHODS))
 def test_new_kinds_of_method_edit_alike_on_every_rank(tiny_dir, corpus, requests, tmp_path,
                                                       scenario):
-    """A masked update (RECT) and a rule with its own value source and sites (UltraEdit):
-    rank 0's update reaches every rank, bit-identical, equal to one process's."""
+    """A masked update (RECT), a rule with its own value source and sites (UltraEdit), and a
+    rule with persistent state composed with a value transform and two update transforms
+    (EvoEdit's P, NAS, SPHERE, PRUNE): rank 0's update reaches every rank, bit-identical,
+    equal to one process's, batch after batch."""
     ranks = _run_group(scenario, tiny_dir, corpus, tmp_path / "dist", requests[:12])
     for r, got in enumerate(ranks):
         assert "error" not in got, f"rank {r}: {got.get('trace')}"
