@@ -72,7 +72,7 @@ def test_state_device_is_checked_and_used(tiny_models, tokenizer, corpus, data_d
 
 @pytest.mark.parametrize(("method", "over"), [
     ("memit-seq+rect", {}), ("alphaedit+nas", {"nas.anchor": 1.0, "alpha": 1.0}),
-    ("evoedit", {"alpha": 1.0}),
+    ("evoedit", {"alpha": 1.0}), ("emmet+sphere+prune", {}), ("rlsedit", {}),
     ("ultraedit", {"gate_layers": [1], "up_layers": [2], "lr": 0.01, "group_size": 3}),
 ])
 def test_new_methods_on_offloaded_layers(tiny_models, tokenizer, corpus, data_dir, method, over):
