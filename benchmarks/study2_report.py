@@ -7,7 +7,9 @@ verdicts, each run's collapse point, the run files and plots, from the runs' fol
 
 Writes into ``--out``: ``table.md`` / ``table.csv`` (each method at each point it was evaluated
 at: every cell with its interval and n), ``compare-<base>-vs-<method>.md`` (+ ``.json``: the
-primary endpoints' paired differences at the common points, Holm over each table),
+primary endpoints' paired differences at the primary points both runs reached, ``--primary``:
+1k, 3k, 5k, 10k, named before the runs; Holm's correction over every comparison of the report
+together, all methods against the base),
 ``summary.json`` (per run: last point, collapse point with its criteria, s/edit, the machine of
 its stamps) and each run's files (config, results, evaluations, outcome files) under
 ``<method>/``, and ``plots/``.
@@ -24,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from encore_fast.eval.collapse import run_collapse
-from encore_fast.eval.compare import compare_runs, write_comparison
+from encore_fast.eval.compare import compare_runs, holm_jointly, write_comparison
 from encore_fast.eval.report import csv_table, markdown_table, summarize_run
 from encore_fast.eval.results import RunData, load_run
 from encore_fast.io import atomic_write_text
 
 RUN_FILES = ("config.json", "results.jsonl", "evals.jsonl")
+PRIMARY = (1000, 3000, 5000, 10000)  # the points of the primary comparisons (issue 24)
 
 
 def at_point(run: RunData, edits: int) -> RunData | None:
@@ -78,7 +81,7 @@ def copy_run(run: RunData, target: Path) -> None:
 
 
 def report(runs_dir: Path, out: Path, methods: Sequence[str], points: Sequence[int],
-           base: str | None = None) -> dict[str, Any]:
+           base: str | None = None, primary: Sequence[int] = PRIMARY) -> dict[str, Any]:
     """Write every file of the report (see the module docstring); returns the summary."""
     runs = {m: load_run(runs_dir / m, label=m) for m in methods}
     out.mkdir(parents=True, exist_ok=True)
@@ -86,11 +89,13 @@ def report(runs_dir: Path, out: Path, methods: Sequence[str], points: Sequence[i
     atomic_write_text(out / "table.md", markdown_table(rows))
     atomic_write_text(out / "table.csv", csv_table(rows))
     base = base or methods[0]
-    for name in methods:
-        if name != base:
-            found = compare_runs(runs[base], runs[name], edits=[
-                p for p in points if at_point(runs[base], p) and at_point(runs[name], p)])
-            write_comparison(out / f"compare-{base}-vs-{name}.md", found, base, name)
+    others = [m for m in methods if m != base]
+    tables = holm_jointly([compare_runs(runs[base], runs[name], edits=[
+        p for p in points if p in primary and at_point(runs[base], p) and at_point(runs[name], p)
+    ]) for name in others])
+    for name, found in zip(others, tables, strict=True):
+        write_comparison(out / f"compare-{base}-vs-{name}.md", found, base, name,
+                         family=sum(map(len, tables)))
     summary = {name: run_summary(run) for name, run in runs.items()}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
     for name, run in runs.items():
@@ -112,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
                                                              10000])
     p.add_argument("--base", default=None, help="the method the others are compared with "
                                                 "(default: the first)")
+    p.add_argument("--primary", nargs="+", type=int, default=list(PRIMARY),
+                   help="the points at which the methods are compared (Holm over them all)")
     args = p.parse_args(argv)
-    summary = report(args.runs, args.out, args.methods, args.points, args.base)
+    summary = report(args.runs, args.out, args.methods, args.points, args.base, args.primary)
     print(json.dumps(summary, indent=2))
     return 0
 

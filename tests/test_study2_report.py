@@ -25,17 +25,29 @@ def test_report_of_two_runs(study2, tmp_path, data):  # noqa: F811
     runs = tmp_path / "runs"
     go(editor(), runs / "encore", settings)
     go(editor(Other), runs / "other", settings)
+    go(editor(Other), runs / "third", settings)
     out = tmp_path / "report"
     summary = study2.main(["--runs", str(runs), "--out", str(out), "--methods", "encore",
-                           "other", "--points", "8", "20", "13"])
+                           "other", "third", "--points", "8", "20", "13", "--primary", "8",
+                           "20"])
     assert summary == 0
     table = (out / "table.md").read_text().splitlines()
     assert table[2].startswith("| unedited | 0 |")
     assert [line.split("|")[1:3] for line in table[3:]] == [
-        [" encore ", " 8 "], [" other ", " 8 "], [" encore ", " 20 "], [" other ", " 20 "]]
+        [" encore ", " 8 "], [" other ", " 8 "], [" third ", " 8 "], [" encore ", " 20 "],
+        [" other ", " 20 "], [" third ", " 20 "]]
     assert "n=8" in table[3] and "[" in table[3]  # cells with intervals and n
     compare = (out / "compare-encore-vs-other.md").read_text()
     assert "| S | 8 |" in compare and "| S | 20 |" in compare and "Holm" in compare
+    # compared at the primary points only, Holm over both tables' comparisons together
+    both = [json.loads((out / f"compare-encore-vs-{m}.md.json").read_text())["comparisons"]
+            for m in ("other", "third")]
+    assert {c["edits"] for c in both[0]} == {8, 20} and len(both[0]) == len(both[1])
+    family = len(both[0]) + len(both[1])
+    assert f"Holm over {family} comparisons" in compare
+    from encore_fast.eval.intervals import holm
+    flat = [c for table in both for c in table]
+    assert [c["significant"] for c in flat] == holm([c["p"] for c in flat])
     saved = json.loads((out / "summary.json").read_text())
     assert saved["encore"]["evaluated_to"] == 20 and saved["other"]["edited_to"] == 20
     assert saved["encore"]["collapse"] is None

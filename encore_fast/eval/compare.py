@@ -195,6 +195,16 @@ def compare_runs(a: RunData, b: RunData, edits: Sequence[int] | None = None,
     return [dataclasses.replace(c, significant=v) for c, v in zip(found, verdicts, strict=True)]
 
 
+def holm_jointly(tables: Sequence[Sequence[Comparison]], alpha: float = 0.05
+                 ) -> list[list[Comparison]]:
+    """The tables with Holm's verdicts taken over all their comparisons together (one family:
+    e.g. a base method against each other method, every endpoint and edit count)."""
+    flat = [c for table in tables for c in table]
+    verdicts = iter(holm([c.p for c in flat], alpha))
+    return [[dataclasses.replace(c, significant=next(verdicts)) for c in table]
+            for table in tables]
+
+
 def comparison_table(comparisons: Sequence[Comparison], a: str = "A", b: str = "B") -> str:
     """A markdown table: endpoint, edits, both runs, ``A − B`` with its interval, p, verdict."""
     out = [f"| endpoint | edits | {a} | {b} | {a} − {b} | p | Holm |", "|" + "---|" * 7]
@@ -207,15 +217,20 @@ def comparison_table(comparisons: Sequence[Comparison], a: str = "A", b: str = "
 
 def write_comparison(path: str | os.PathLike[str], comparisons: Sequence[Comparison],
                      a: str = "A", b: str = "B", *, alpha: float = 0.05,
-                     resamples: int = RESAMPLES, seed: int = SEED) -> Path:
+                     resamples: int = RESAMPLES, seed: int = SEED,
+                     family: int | None = None) -> Path:
     """Write the markdown table with what the intervals were computed with below it, and the
-    same as JSON beside it (``<path>.json``)."""
+    same as JSON beside it (``<path>.json``). ``family``: how many comparisons Holm's
+    correction was taken over (default: this table's)."""
     path = Path(path)
+    family = len(comparisons) if family is None else family
     prov = {**provenance(seed, resamples), "alpha": alpha, "correction": "holm",
-            "comparisons": len(comparisons)}
+            "comparisons": family}
+    scope = "" if family == len(comparisons) else f" (this table's {len(comparisons)} and " \
+        "the other tables' of the same report)"
     text = comparison_table(comparisons, a, b) + "\n" + (
         f"Paired percentile bootstrap ({prov['resamples']} resamples, seed {prov['seed']}, "
-        f"SciPy {prov['scipy']}); Holm over {len(comparisons)} comparisons at "
+        f"SciPy {prov['scipy']}); Holm over {family} comparisons{scope} at "
         f"alpha {alpha}.\n")
     atomic_write_text(path, text)
     atomic_write_text(path.with_name(path.name + ".json"), json.dumps(
