@@ -5,6 +5,8 @@ process, same requests.
         --set encore:lambda_p=5000 --set encore:lambda_n=20 --set memit-seq:lambda_p=5000 \\
         --out benchmarks/results/methods_cpu.csv
     python benchmarks/bench_methods.py --methods all --n 20 --batch-size 10
+    python benchmarks/bench_methods.py --methods all --tuned \\
+        --out benchmarks/results/methods_cpu.csv
     python benchmarks/bench_methods.py --methods encore,alphaedit+nas \\
         --set alphaedit+nas:nas.anchor=3.2
 
@@ -40,9 +42,11 @@ import torch
 from bench_engines import edit_requests
 from compare_methods import per_method_overrides
 from csv_rows import append_rows
+from tuned import NotTuned, tuned
 from value_flops import Shape, matmul_ceiling, request_work, value_flops
 
 from encore_fast.batch_report import BatchReport
+from encore_fast.config import parse_overrides
 from encore_fast.editor import Editor
 from encore_fast.errors import ConfigError
 from encore_fast.machine import cpu_model
@@ -202,6 +206,15 @@ def print_ratios(rows: Sequence[dict[str, Any]], first: dict[str, Any] | None) -
               f"of {row['method']} ({saved:.0%} less)")
 
 
+def tuned_overrides(method: str) -> dict[str, Any]:
+    """``method``'s tuned settings (:mod:`tuned`) as overrides; none when it is not tuned."""
+    try:
+        return parse_overrides(tuned(method)[0].split())
+    except NotTuned as exc:
+        print(f"{exc}: its preset", flush=True)
+        return {}
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str],
                                                 dict[str, dict[str, Any]]]:
     """The options, the methods to run, and each method's settings (by canonical name)."""
@@ -215,6 +228,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str],
     p.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
                    help="a setting of one method (repeatable; KEY may be a part's own setting: "
                         "alphaedit+nas:nas.anchor=3.2)")
+    p.add_argument("--tuned", action="store_true",
+                   help="each method with its tuned SmolLM2-135M settings (benchmarks/tuned.py; "
+                        "a method not tuned yet runs with its preset, said in its row); --set "
+                        "overrides them")
     p.add_argument("--matmul-size", type=int, default=1024,
                    help="side of the square matmul whose FLOP/s is the ceiling (default 1024)")
     p.add_argument("--out", default=None, help="CSV file to append the rows to")
@@ -229,6 +246,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str],
     except ValueError as exc:
         p.error(str(exc))
     overrides = {method_key(m): v for m, v in raw.items()}
+    if args.tuned:
+        overrides = {method_key(m): {**tuned_overrides(m), **overrides.get(method_key(m), {})}
+                     for m in methods}
     stray = sorted(m for m in raw if method_key(m) not in {method_key(x) for x in methods})
     if stray:
         p.error(f"--set names methods that are not run: {', '.join(stray)}")

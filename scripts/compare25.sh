@@ -1,23 +1,16 @@
 #!/usr/bin/env bash
 # The 1,000-edit comparison of the new methods (issue 25) under the study's protocol, on the
 # study's stream (counterfact-edit.json), each with the setting its tuning chose
-# (benchmarks/results/tuning-25/summary.json): the same scripts as the 10,000-edit study, so its
-# ENCORE, MEMIT-seq and AlphaEdit runs give the same methods' first 1,000 edits (same facts,
-# paired). Resumable. Then:
+# (benchmarks/tuned.py, from results/tuning-25/summary.json): the same scripts as the
+# 10,000-edit study, so its ENCORE, MEMIT-seq and AlphaEdit runs give the same methods' first
+# 1,000 edits (same facts, paired). Resumable. Then:
 #   python benchmarks/study2_report.py --runs ~/.cache/encore_fast/study2 --points 1000 \
 #     --out benchmarks/results/compare25-1k --methods encore memit-seq alphaedit <the -1k runs>
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SUMMARY=benchmarks/results/tuning-25/summary.json
 METHODS=${METHODS:-"emmet evoedit rlsedit ultraedit alphaedit+nas alphaedit+sphere memit-seq+rect memit-seq+prune"}
 for METHOD in $METHODS; do
-  SETS=$(.venv/bin/python -c 'import json, sys
-summary = json.load(open(sys.argv[1]))
-name = summary["chosen"].get(sys.argv[2])
-if name is None:
-    sys.exit(f"{sys.argv[2]}: no tuned setting in {sys.argv[1]} yet")
-row = next(r for r in summary["rows"] if r["name"] == name)
-print(" ".join(f"--set {s}" for s in row["settings"].split()))' "$SUMMARY" "$METHOD")
+  SETS=$(.venv/bin/python benchmarks/tuned.py "$METHOD")  # (fails: not tuned yet)
   RUN=$(echo "$METHOD" | tr '+' '_')-1k
   # shellcheck disable=SC2086
   NAME=$RUN bash scripts/study2_run.sh "$METHOD" 1000 $SETS

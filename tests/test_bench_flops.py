@@ -17,7 +17,8 @@ from encore_fast.methods import RULES, TRANSFORMS, register, unregister
 from encore_fast.values.prompts import ValuePrompts
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-SIBLINGS = ("value_flops", "bench_methods", "bench_engines", "compare_methods", "csv_rows")
+SIBLINGS = ("value_flops", "bench_methods", "bench_engines", "compare_methods", "csv_rows",
+            "tuned")
 
 
 @pytest.fixture
