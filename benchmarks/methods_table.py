@@ -1,0 +1,84 @@
+"""The README's table of every method on SmolLM2-135M: the settings for long streams
+(:mod:`tuned`) and the seconds per edit measured side by side (``results/methods_cpu.csv``,
+``bench_methods.py``), as a generated block (``benchmarks/claims.py``)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from tuned import NotTuned, tuned
+
+from encore_fast.methods import canonical
+
+# every method of the README's method table, in its order (compositions as published)
+METHODS = ("memit", "memit-seq", "encore", "alphaedit", "emmet", "evoedit", "rlsedit",
+           "ultraedit", "alphaedit+nas", "alphaedit+sphere", "memit-seq+rect", "memit-seq+prune")
+RUN_KEYS = ("date", "cpu", "threads", "dtype", "edits", "batch", "command", "commit")
+
+
+def bench_runs(path: Path) -> list[list[dict[str, str]]]:
+    """The benchmark's runs: rows appended together (same date, machine, sizes, command and
+    commit), in file order; a run that names a method twice is two runs."""
+    runs: list[list[dict[str, str]]] = []
+    for row in csv.DictReader(path.open(newline="")) if path.exists() else []:
+        key = [row.get(k, "") for k in RUN_KEYS]
+        last = runs[-1] if runs else None
+        if last and [last[0].get(k, "") for k in RUN_KEYS] == key and \
+                canonical(row["method"]) not in {canonical(r["method"]) for r in last}:
+            last.append(row)
+        else:
+            runs.append([row])
+    return runs
+
+
+def speeds(runs: list[list[dict[str, str]]]) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Per method its s/edit over the runs like the newest one (same machine, threads, dtype,
+    sizes and command), and what those runs were."""
+    if not runs:
+        return {}, {}
+    like = [k for k in RUN_KEYS if k not in ("date", "commit")]
+    newest = runs[-1][0]
+    same = [run for run in runs if all(run[0].get(k, "") == newest.get(k, "") for k in like)]
+    out: dict[str, list[float]] = {}
+    for run in same:
+        for row in run:
+            if row.get("status", "ok") in ("ok", "") and row.get("s_per_edit"):
+                out.setdefault(canonical(row["method"]), []).append(float(row["s_per_edit"]))
+    dates = sorted({run[0]["date"] for run in same})
+    return out, {"runs": str(len(same)), "dates": ", ".join(dates), **newest}
+
+
+def settings_cell(method: str) -> tuple[str, str]:
+    """``method``'s settings and where they come from, as table cells."""
+    try:
+        words, source = tuned(method)
+    except NotTuned:
+        return "its family's preset (not tuned yet)", "—"
+    if source == "study":
+        return (f"`{words}`", "stream tuning (results README)") if words else \
+            ("the preset's", "the studies' choice, not tuned for streams")
+    return f"`{words}`", f"tuning candidate `{source}`"
+
+
+def table(root: Path) -> str:
+    """The generated block: one row per method, then how the speeds were measured."""
+    folder = root / "benchmarks" / "results"
+    per, run = speeds(bench_runs(folder / "methods_cpu.csv"))
+    lines = ["| method | settings on SmolLM2-135M (long streams) | chosen by | s/edit |",
+             "|---|---|---|---|"]
+    for method in METHODS:
+        cells = settings_cell(method) if method != "memit" else (
+            "the preset's", "— (not a sequential method)")
+        got = per.get(canonical(method), [])
+        speed = "not measured yet" if not got else f"{got[0]:.2f}" if len(got) == 1 else \
+            f"{min(got):.2f}–{max(got):.2f} ({len(got)} runs)"
+        lines.append(f"| `{method}` | {cells[0]} | {cells[1]} | {speed} |")
+    if run:
+        lines += ["", f"s/edit: `benchmarks/bench_methods.py`, the methods side by side on the "
+                      f"same {run['edits']} requests of `counterfact-edit.json` (batch "
+                      f"{run['batch']}, {run['dtype']}), {run['runs']} run(s) ({run['dates']}), "
+                      f"{run['threads']} threads on {run['cpu']}; "
+                      f"`results/methods_cpu.csv`."]
+    return "\n".join(lines)
+
