@@ -48,6 +48,16 @@ def test_report_of_two_runs(study2, tmp_path, data):  # noqa: F811
     from encore_fast.eval.intervals import holm
     flat = [c for table in both for c in table]
     assert [c["significant"] for c in flat] == holm([c["p"] for c in flat])
+    # the claims block from these files: every run, every comparison, the family, the cost
+    claims = load_benchmark("study2_claims").claims(out)
+    sys.modules.pop("study2_claims", None)
+    for name in ("encore", "other", "third"):
+        assert f"- `{name}`: edited to 20, evaluated to 20; no collapse" in claims
+    assert claims.count("| `other` |") == 2 and claims.count("| `third` |") == 2
+    assert f"Holm's correction over all {family} comparisons" in claims
+    significant = sum(c["significant"] for c in flat)
+    assert claims.count("**significant**") == significant
+    assert "An evaluation point took" in claims
     saved = json.loads((out / "summary.json").read_text())
     assert saved["encore"]["evaluated_to"] == 20 and saved["other"]["edited_to"] == 20
     assert saved["encore"]["collapse"] is None
