@@ -20,7 +20,8 @@ from encore_fast.io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 READMES = ("README.md", "benchmarks/results/README.md", "benchmarks/results/refactor-23/README.md",
-           "benchmarks/results/study-smollm2-10k/README.md")
+           "benchmarks/results/study-smollm2-10k/README.md",
+           "benchmarks/results/study2-smollm2/README.md")
 
 __all__ = ["GENERATORS", "READMES", "ROOT", "generator", "main"]
 

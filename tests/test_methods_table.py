@@ -1,14 +1,14 @@
-"""The README's per-method table (benchmarks/methods_table.py): benchmark runs told apart as
-appended, speeds only over runs like the newest, every method in a row."""
+"""The README's per-method table (benchmarks/claims_blocks/methods.py): benchmark runs told apart
+as appended, speeds only over runs like the newest, every method in a row."""
 
 from __future__ import annotations
 
 import csv
+import importlib
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import load_benchmark
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 COLS = ["date", "cpu", "threads", "dtype", "edits", "batch", "method", "s_per_edit", "status",
@@ -18,8 +18,8 @@ COLS = ["date", "cpu", "threads", "dtype", "edits", "batch", "method", "s_per_ed
 @pytest.fixture
 def mt(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
-    yield load_benchmark("methods_table")
-    for name in ("methods_table", "tuned"):
+    yield importlib.import_module("claims_blocks.methods")
+    for name in [m for m in sys.modules if m == "tuned" or m.startswith("claims_blocks")]:
         sys.modules.pop(name, None)
 
 

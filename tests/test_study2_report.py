@@ -3,14 +3,18 @@ the paired comparison with Holm's verdicts, collapse points, the run files and p
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import load_benchmark
 from test_eval_protocol import Other, data, editor, go  # noqa: F401 (data: a fixture)
 
 from encore_fast.eval.run import EvalSettings
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture
@@ -49,10 +53,15 @@ def test_report_of_two_runs(study2, tmp_path, data):  # noqa: F811
     flat = [c for table in both for c in table]
     assert [c["significant"] for c in flat] == holm([c["p"] for c in flat])
     # the claims block from these files: every run, every comparison, the family, the cost
-    claims = load_benchmark("study2_claims").claims(out)
-    sys.modules.pop("study2_claims", None)
+    sys.path.insert(0, str(BENCH))
+    try:
+        claims = importlib.import_module("claims_blocks.study2").claims(out)
+    finally:
+        sys.path.remove(str(BENCH))
+        for name in [m for m in sys.modules if m == "tuned" or m.startswith("claims_blocks")]:
+            sys.modules.pop(name, None)
     for name in ("encore", "other", "third"):
-        assert f"- `{name}`: edited to 20, evaluated to 20; no collapse" in claims
+        assert f"* `{name}`: edited to 20, evaluated to 20; no collapse" in claims
     assert claims.count("| `other` |") == 2 and claims.count("| `third` |") == 2
     assert f"Holm's correction over all {family} comparisons" in claims
     significant = sum(c["significant"] for c in flat)

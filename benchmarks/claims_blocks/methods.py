@@ -1,6 +1,6 @@
 """The README's table of every method on SmolLM2-135M: the settings for long streams
 (:mod:`tuned`) and the seconds per edit measured side by side (``results/methods_cpu.csv``,
-``bench_methods.py``), as a generated block (``benchmarks/claims.py``)."""
+``bench_methods.py``): the block ``methods-smollm2``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 from tuned import NotTuned, tuned
 
 from encore_fast.methods import canonical
+
+from .registry import generator, results
 
 # every method of the README's method table, in its order (compositions as published)
 METHODS = ("memit", "memit-seq", "encore", "alphaedit", "emmet", "evoedit", "rlsedit",
@@ -49,10 +51,10 @@ def speeds(runs: list[list[dict[str, str]]]) -> tuple[dict[str, list[float]], di
     return out, {"runs": str(len(same)), "dates": ", ".join(dates), **newest}
 
 
-def settings_cell(method: str) -> tuple[str, str]:
-    """``method``'s settings and where they come from, as table cells."""
+def settings_cell(method: str, summary: Path) -> tuple[str, str]:
+    """``method``'s settings and where they come from (``summary``: the tuning's), as cells."""
     try:
-        words, source = tuned(method)
+        words, source = tuned(method, summary)
     except NotTuned:
         return "its family's preset (not tuned yet)", "—"
     if source == "study":
@@ -61,14 +63,15 @@ def settings_cell(method: str) -> tuple[str, str]:
     return f"`{words}`", f"tuning candidate `{source}`"
 
 
+@generator("methods-smollm2")
 def table(root: Path) -> str:
     """The generated block: one row per method, then how the speeds were measured."""
-    folder = root / "benchmarks" / "results"
-    per, run = speeds(bench_runs(folder / "methods_cpu.csv"))
+    per, run = speeds(bench_runs(results(root, "methods_cpu.csv")))
+    summary = results(root, "tuning-25", "summary.json")
     lines = ["| method | settings on SmolLM2-135M (long streams) | chosen by | s/edit |",
              "|---|---|---|---|"]
     for method in METHODS:
-        cells = settings_cell(method) if method != "memit" else (
+        cells = settings_cell(method, summary) if method != "memit" else (
             "the preset's", "— (not a sequential method)")
         got = per.get(canonical(method), [])
         speed = "not measured yet" if not got else f"{got[0]:.2f}" if len(got) == 1 else \

@@ -1,4 +1,4 @@
-"""The study's claims as the READMEs state them (a generated block, ``benchmarks/claims.py``):
+"""The study's claims as the READMEs state them (the block ``study2``):
 how far each method went and whether it collapsed, which primary differences between the base
 method and each other one are significant after Holm's correction, and what an evaluation point
 cost -- all read from a study report's folder (``study2_report.py``'s ``summary.json``,
@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from encore_fast.eval.results import load_run
+
+from .registry import generator, results
 
 NAMES = {"s": "S", "real_s": "real S", "informative_f1": "informative downstream F1"}
 
@@ -27,7 +29,7 @@ def runs_text(summary: dict[str, Any]) -> list[str]:
         fate = "no collapse by the rule" if run["collapse"] is None else (
             f"**collapsed at {run['collapse']['edits']:,} edits** "
             f"({'; '.join(run['collapse']['criteria'])})")
-        lines.append(f"- `{name}`: edited to {run['edited_to']:,}, evaluated to "
+        lines.append(f"* `{name}`: edited to {run['edited_to']:,}, evaluated to "
                      f"{run['evaluated_to'] or 0:,}; {fate}.")
     return lines
 
@@ -80,3 +82,9 @@ def claims(folder: Path, base: str = "encore") -> str:
     parts = ["\n".join(runs_text(summary)), "\n".join(comparisons_text(folder, base)),
              eval_cost(folder, list(summary))]
     return "\n\n".join(p for p in parts if p)
+
+
+@generator("study2")
+def study2(root: Path) -> str:
+    """The 10,000-edit study under the protocol (``results/study2-smollm2``)."""
+    return claims(results(root, "study2-smollm2"))
