@@ -1,12 +1,15 @@
 """The README's table of every method on SmolLM2-135M: the settings for long streams
 (:mod:`tuned`) and the seconds per edit measured side by side (``results/methods_cpu.csv``,
-``bench_methods.py``): the block ``methods-smollm2``."""
+``bench_methods.py``): the block ``methods-smollm2``; and the new methods' tuning table with
+what its rule chose (``tuning-25``)."""
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
+from tune25_report import PPL_LIMIT
 from tuned import NotTuned, tuned
 
 from encore_fast.methods import canonical
@@ -85,3 +88,26 @@ def table(root: Path) -> str:
                       f"`results/methods_cpu.csv`."]
     return "\n".join(lines)
 
+
+
+@generator("tuning-25")
+def tuning(root: Path) -> str:
+    """The new methods' tuning: the committed table and, per method, what the rule chose and
+    why (``results/tuning-25``)."""
+    folder = results(root, "tuning-25")
+    data = json.loads((folder / "summary.json").read_text())
+    said = []
+    for method, name in data["chosen"].items():
+        rows = [r for r in data["rows"] if r["method"] == method]
+        if name is None:
+            done = sum(r["outcome"] is not None for r in rows)
+            said.append(f"`{method}`: {done} of {len(rows)} candidates run, none chosen yet")
+            continue
+        o = next(r for r in rows if r["name"] == name)["outcome"]
+        fits = [r for r in rows if r["outcome"]["ppl_ratio"] <= PPL_LIMIT]
+        why = (f"the highest S of the {len(fits)} within the perplexity bound" if fits else
+               "none within the perplexity bound: the lowest perplexity")
+        said.append(f"`{method}`: `{name}` ({why}; S {o['s']:.2f}, perplexity "
+                    f"×{o['ppl_ratio']:.3f})")
+    return ((folder / "table.md").read_text().strip() + "\n\nChosen by the rule: "
+            + "; ".join(said) + ".")
