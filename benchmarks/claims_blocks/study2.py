@@ -88,3 +88,13 @@ def claims(folder: Path, base: str = "encore") -> str:
 def study2(root: Path) -> str:
     """The 10,000-edit study under the protocol (``results/study2-smollm2``)."""
     return claims(results(root, "study2-smollm2"))
+
+
+@generator("compare25")
+def compare25(root: Path) -> str:
+    """The new methods' 1,000-edit comparison with ENCORE on the study's stream
+    (``results/compare25-1k``, written by ``study2_report.py --points 1000``)."""
+    folder = results(root, "compare25-1k")
+    if not (folder / "summary.json").exists():
+        return "Not run yet: it waits for every method's tuning."
+    return (folder / "table.md").read_text().strip() + "\n\n" + claims(folder)
