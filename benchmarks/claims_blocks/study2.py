@@ -6,6 +6,7 @@ cost -- all read from a study report's folder (``study2_report.py``'s ``summary.
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,8 @@ def claims(folder: Path, base: str = "encore") -> str:
 @generator("study2")
 def study2(root: Path) -> str:
     """The 10,000-edit study under the protocol (``results/study2-smollm2``)."""
-    return claims(results(root, "study2-smollm2"))
+    folder = results(root, "study2-smollm2")
+    return narrow_table(folder / "table.csv") + "\n\n" + claims(folder)
 
 
 @generator("compare25")
@@ -97,4 +99,26 @@ def compare25(root: Path) -> str:
     folder = results(root, "compare25-1k")
     if not (folder / "summary.json").exists():
         return "Not run yet: it waits for every method's tuning."
-    return (folder / "table.md").read_text().strip() + "\n\n" + claims(folder)
+    return narrow_table(folder / "table.csv") + "\n\n" + claims(folder)
+
+
+COLUMNS = {"s": "S", "real_s": "real S", "informative_f1": "informative F1",
+           "ppl_ratio": "perplexity ×", "known_retained": "known kept",
+           "immediate_es": "immediate ES"}
+
+
+def narrow_table(path: Path) -> str:
+    """The report's table with the primary endpoints and a few secondary ones (every cell with
+    its 95% interval; ``n`` is in the full ``table.md``)."""
+    def cell(row: dict[str, str], key: str) -> str:
+        if not row.get(key):
+            return "—"
+        value, low, high = (float(row[key + x]) for x in ("", "_low", "_high"))
+        return f"{value:.2f} [{low:.2f}, {high:.2f}]"
+
+    lines = ["| method | edits | " + " | ".join(COLUMNS.values()) + " |",
+             "|---|---|" + "---|" * len(COLUMNS)]
+    for row in csv.DictReader(path.open(newline="")):
+        lines.append(f"| `{row['method']}` | {int(row['edits']):,} | "
+                     + " | ".join(cell(row, k) for k in COLUMNS) + " |")
+    return "\n".join(lines)
