@@ -76,3 +76,23 @@ def test_bench_methods_tuned_settings_under_explicit_ones(tuned, monkeypatch):
     assert over["encore"] == {"lambda_p": 5000} and over["evoedit"] == {}
     _, _, plain = bm.parse_args(["--methods", "encore,emmet"])
     assert plain == {}
+
+
+def test_the_stream_preset_gives_each_tuned_method_its_choice(tuned):
+    """A user's ``preset="smollm2-135m-stream"`` edits with what the tuning chose: the same
+    settings as the tuning's preset plus the chosen candidate's."""
+    from encore_fast.config import make_config, parse_overrides
+
+    data = json.loads(tuned.SUMMARY.read_text())
+    checked = 0
+    for method, name in data["chosen"].items():
+        if name is None:
+            continue
+        words = tuned.tuned(method)[0].split()
+        want = make_config(method, "smollm2-135m", 30, **parse_overrides(words))
+        assert make_config(method, "smollm2-135m-stream", 30) == want, method
+        checked += 1
+    assert checked >= 2
+    # UltraEdit's SmolLM2 depths hold for both SmolLM2 presets
+    assert make_config("ultraedit", "smollm2-135m-stream", 30).method_settings == \
+        make_config("ultraedit", "smollm2-135m", 30).method_settings

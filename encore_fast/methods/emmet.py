@@ -25,7 +25,8 @@ class Emmet(MemitSequential):
     preset = "memit"
     own: ClassVar[dict[str, Any]] = {"lambda_u": 0.0, "lambda_e": 0.1, "single_equality": True}
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "llama3-8b": {"layers": [5], "lambda_p": 1e5, "lambda_u": 0.0, "lambda_e": 0.1}}
+        "llama3-8b": {"layers": [5], "lambda_p": 1e5, "lambda_u": 0.0, "lambda_e": 0.1},
+        "smollm2-135m-stream": {"lambda_e": 1.0}}  # (its tuning's choice, with λ_p 5000)
 
     @staticmethod
     def check_settings(settings: dict[str, Any]) -> None:

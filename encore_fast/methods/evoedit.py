@@ -30,7 +30,8 @@ class EvoEdit(UpdateRule):
     sequential = False
     woodbury = False
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "llama3-8b": {"alpha": 4.0, "null_space_threshold": 2e-2}}
+        "llama3-8b": {"alpha": 4.0, "null_space_threshold": 2e-2},
+        "smollm2-135m-stream": {"alpha": 10.0}}  # (its tuning's choice)
 
     def projector(self, state: LayerState, cfg: EditConfig | None) -> torch.Tensor:
         """``P_t``: the evolved one, else AlphaEdit's ``P_0`` of ``C0`` (cached)."""
