@@ -175,3 +175,28 @@ def test_compare_methods_script(tmp_path, monkeypatch, capsys):
     assert "| encore |" in table and "| memit |" in table
     assert (out / "table.csv").exists() and (out / "plots" / "norm_growth.png").exists()
     assert "| encore |" in capsys.readouterr().out
+
+
+class OtherSites(FakeEditor):
+    """Edits named sites beside an MLP output (UltraEdit's gate and up projections)."""
+
+    def weight_norms(self):
+        grow = 1 + 0.01 * self.num_edits
+        return {12: 1.0 * grow, "mlp_up.3": 2.0 * grow, "mlp_gate.10": 3.0 * grow,
+                "mlp_gate.9": 4.0}
+
+
+def test_named_sites_in_the_norms_summary_and_plots(tmp_path):
+    from encore_fast.eval.datasets import parse_records
+
+    records = parse_records(easyedit(8))
+    out = tmp_path / "sites"
+    run_sequential(OtherSites, records, out, batch_size=4, eval_every=1, settings=EvalSettings(),
+                   progress=False, make_plots=False, run_info={"label": "sites"})
+    run = load_run(out)
+    edits, ratios = run.norm_series()
+    assert list(ratios) == [12, "mlp_gate.9", "mlp_gate.10", "mlp_up.3"]  # read back, in order
+    assert ratios["mlp_gate.10"] == pytest.approx([1, 1.04, 1.08]) and edits == [0, 4, 8]
+    assert summarize_run(run)["norm_growth"] == pytest.approx((3 * 1.08 + 1) / 4)
+    (path,) = [p for p in plot_runs([out], tmp_path / "plots") if p.name == "norm_growth.png"]
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -45,6 +45,7 @@ from encore_fast.eval.seam import (
     first_value,
 )
 from encore_fast.eval.settings import EvalSettings, field_defaults
+from encore_fast.models.arch import Site, site_order
 
 # The files the data options' "auto" stands for, in the shared data folder.
 DEFAULT_WIKITEXT = "wikitext-2/test.txt"
@@ -203,13 +204,13 @@ def _known(run: RunData, line: Mapping[str, Any]) -> tuple[Estimate | None, Esti
 
 
 def _layer_panels(runs: Sequence[RunData]) -> list[Series]:
-    """One panel per edited layer: its ``||W|| / ||W_0||`` after every batch."""
-    layers = sorted({layer for run in runs for layer in run.original_norms()})
-    return [Series(f"layer {layer}", bounded=False, read=partial(_layer_ratios, layer=layer))
-            for layer in layers]
+    """One panel per edited matrix: its ``||W|| / ||W_0||`` after every batch."""
+    sites = sorted({site for run in runs for site in run.original_norms()}, key=site_order)
+    return [Series(f"layer {site}" if isinstance(site, int) else site, bounded=False,
+                   read=partial(_layer_ratios, layer=site)) for site in sites]
 
 
-def _layer_ratios(run: RunData, layer: int) -> Values | None:
+def _layer_ratios(run: RunData, layer: Site) -> Values | None:
     edits, ratios = run.norm_series()
     return (edits, ratios[layer]) if layer in ratios else None
 

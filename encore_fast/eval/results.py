@@ -19,6 +19,7 @@ from typing import Any
 
 from encore_fast.errors import EncoreFastError
 from encore_fast.eval.outcomes import Row, batch_file, eval_file, read_outcomes
+from encore_fast.models.arch import Site, site_from_text, site_order
 
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.jsonl"
@@ -122,26 +123,27 @@ class RunData:
             self._read[path] = read_outcomes(path)[1]
         return self._read[path]
 
-    def original_norms(self) -> dict[int, float]:
+    def original_norms(self) -> dict[Site, float]:
         """Edited matrices' norms before any edit (the evaluation at 0 edits)."""
         for line in self.evals:
             if line.get("edits_done") == 0 and line.get("weight_norms"):
-                return _int_keys(line["weight_norms"])
+                return _site_keys(line["weight_norms"])
         return {}
 
-    def norm_series(self) -> tuple[list[int], dict[int, list[float]]]:
-        """Edits done, and per layer ``||W||/||W_0||`` after each batch (0 edits included)."""
+    def norm_series(self) -> tuple[list[int], dict[Site, list[float]]]:
+        """Edits done, and per edited matrix ``||W||/||W_0||`` after each batch (0 edits
+        included)."""
         original = self.original_norms()
         points = [(0, original)] if original else []
         points += [
-            (b["edits_done"], _int_keys(b["weight_norms"]))
+            (b["edits_done"], _site_keys(b["weight_norms"]))
             for b in self.batches
             if b.get("weight_norms")
         ]
         edits = [e for e, _ in points]
         ratios = {
             layer: [norms.get(layer, float("nan")) / w0 for _, norms in points]
-            for layer, w0 in sorted(original.items())
+            for layer, w0 in sorted(original.items(), key=lambda kv: site_order(kv[0]))
         }
         return edits, ratios
 
@@ -178,5 +180,5 @@ def intervals_available() -> bool:
     return importlib.util.find_spec("scipy") is not None
 
 
-def _int_keys(d: dict[str, float]) -> dict[int, float]:
-    return {int(k): float(v) for k, v in d.items()}
+def _site_keys(d: dict[str, float]) -> dict[Site, float]:
+    return {site_from_text(k): float(v) for k, v in d.items()}

@@ -45,6 +45,19 @@ class ArchSpec:
 Site = int | str
 """An edited matrix: a block's MLP output projection (``int``), or ``"NAME.LAYER"``."""
 
+
+def site_from_text(text: str) -> Site:
+    """A site written as text (a JSON key): ``"7"`` is the MLP output of block 7."""
+    return int(text) if text.isdigit() else text
+
+
+def site_order(site: Site) -> tuple[int, str, int]:
+    """Sorting key for sites: MLP outputs by layer, then named sites by name and layer."""
+    if isinstance(site, int):
+        return (0, "", site)
+    name, _, layer = site.rpartition(".")
+    return (1, name, int(layer) if layer.isdigit() else -1)
+
 _LLAMA = ArchSpec("model.layers", "mlp.down_proj", "model.norm", "lm_head",
                   linears=(("mlp_gate", "mlp.gate_proj"), ("mlp_up", "mlp.up_proj")))
 
