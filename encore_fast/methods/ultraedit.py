@@ -32,8 +32,8 @@ class UltraEdit(UpdateRule):
                            "up_layers": [18, 19, 20, 21, 22, 23, 24]}
     presets = {"smollm2-135m": {"gate_layers": [10, 11, 12, 13, 14],
                                 "up_layers": [17, 18, 19, 20, 21, 22]},
-               "smollm2-135m-stream": {"gate_layers": [10, 11, 12, 13, 14],
-                                       "up_layers": [17, 18, 19, 20, 21, 22]},
+               "smollm2-135m-stream": {"gate_layers": [10, 11, 12, 13, 14],  # (lr: tuned)
+                                       "up_layers": [17, 18, 19, 20, 21, 22], "lr": 1e-4},
                "llama3-8b": {"gate_layers": [11, 12, 13, 14, 15],
                              "up_layers": [18, 19, 20, 21, 22, 23, 24], "lr": 1e-6,
                              "group_size": 10}}  # (published: Llama3-8B-Instruct, zsRE)
