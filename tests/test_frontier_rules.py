@@ -61,6 +61,22 @@ def test_emmet_is_its_equation_batch_after_batch():
         assert torch.allclose(state.seq(), s, rtol=0, atol=1e-12)
 
 
+def test_emmet_with_lambda_e_one_is_memit_seq():
+    """``R (Kᵀ C⁻¹ K + I)⁻¹ Kᵀ C⁻¹ = R Kᵀ (C + K Kᵀ)⁻¹``: at λ_e = 1, λ_u = 0 (the setting its
+    SmolLM2 tuning chose) EMMET's update is MEMIT-seq's, batch after batch."""
+    g = torch.Generator().manual_seed(3)
+    c0, _ = _c0(g)
+    rules = {m: (get_rule(m), LayerState(c0=c0.clone()),
+                 make_config(m, None, layers=[0], lambda_p=2.0, **over))
+             for m, over in (("emmet", {"lambda_e": 1.0}), ("memit-seq", {}))}
+    for n in (3, 2, 4):
+        keys, resid = _rand(g, D_IN, n), _rand(g, D_OUT, n)
+        (ue, se, ce), (um, sm, cm) = rules.values()
+        assert _rel(ue.solve(keys, resid, se, ce), um.solve(keys, resid, sm, cm)) < 1e-10
+        ue.after_batch(keys, se, ce)
+        um.after_batch(keys, sm, cm)
+
+
 def test_emmet_equality_constraints():
     g = torch.Generator().manual_seed(1)
     c0, _ = _c0(g)
