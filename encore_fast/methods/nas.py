@@ -11,7 +11,7 @@ pairing, alias ``"nas"``), ``"encore+nas"``, ... (NAS, arXiv 2602.02543.)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -34,6 +34,8 @@ def anchored(zs: torch.Tensor, h0: torch.Tensor, v0: torch.Tensor, mu: float,
 class Nas(ValueTransform):
     name = "nas"
     own: dict[str, Any] = {"skip_factor": 2.0, **ANCHOR_SETTINGS}
+    # (its SmolLM2 tuning, composed with AlphaEdit: α 10; a rule without α ignores it)
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"smollm2-135m-stream": {"alpha": 10.0}}
     check_settings = staticmethod(check_anchor_settings)
 
     def __init__(self) -> None:
