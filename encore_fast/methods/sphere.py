@@ -35,6 +35,7 @@ def principal_directions(w: torch.Tensor, eta: float) -> torch.Tensor:
 class Sphere(UpdateTransform):
     name = "sphere"
     own: ClassVar[dict[str, Any]] = {"eta": 0.5, "a": 0.5, "weights": "pretrained"}
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"smollm2-135m-stream": {"a": 0.2}}  # (tuned)
 
     @staticmethod
     def check_settings(s: dict[str, Any]) -> None:
