@@ -169,3 +169,35 @@ def test_every_result_is_stamped_by_one_helper(tmp_path):
     clean = git_commit(tmp_path)
     (tmp_path / "f").write_text("b")
     assert git_commit(tmp_path) == clean + "+dirty"
+
+
+def _git(*args: str) -> str:
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"no git history here (git {args[0]}: {done.stderr.strip()[:80]})")
+    return done.stdout
+
+
+def test_collapse_rule_was_committed_before_the_first_study_result():
+    """The rule the study's results are judged by, with its test, is in the history before the
+    first commit of a result of the study, and has not changed since."""
+    import inspect
+
+    from encore_fast.eval import protocol
+
+    first = _git("log", "--reverse", "--format=%H", "--",
+                 "benchmarks/results/study2-smollm2").split()
+    if not first:
+        pytest.skip("no study result in this history (a shallow clone?)")
+    parent = _git("rev-parse", f"{first[0]}^").strip()
+    then = _git("show", f"{parent}:encore_fast/eval/protocol.py")
+    for part in (protocol.collapse_reasons, protocol.collapse_point):
+        assert inspect.getsource(part) in then, f"{part.__name__} changed after the first result"
+    for line in ("PPL_FACTOR = 10.0", "IN_A_ROW = 2"):
+        assert line in then and line in inspect.getsource(protocol)
+    assert "def test_collapse_needs_two_evaluations_in_a_row" in _git(
+        "show", f"{parent}:tests/test_protocol.py")
