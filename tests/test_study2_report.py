@@ -72,3 +72,40 @@ def test_report_of_two_runs(study2, tmp_path, data):  # noqa: F811
     assert saved["encore"]["collapse"] is None
     assert (out / "encore" / "outcomes").is_dir() and (out / "other" / "config.json").exists()
     assert list((out / "plots").glob("*.png"))
+
+
+def test_which_methods_go_on_to_the_long_study(study2, tmp_path, data):  # noqa: F811
+    """The compare25 block's verdict per new method: on, or stopped by a collapse criterion at
+    the comparison's point, or by being a study method's update by equation."""
+    settings = EvalSettings(sampling="edited", sample=10, **data)
+    runs = tmp_path / "runs"
+    go(editor(), runs / "encore", settings)
+    for name in ("other", "third", "fourth"):
+        go(editor(Other), runs / name, settings)
+    for name, method in (("third", "emmet"), ("fourth", "evoedit")):
+        config = json.loads((runs / name / "config.json").read_text())
+        (runs / name / "config.json").write_text(json.dumps({**config, "method": method}))
+    lines = (runs / "fourth" / "results.jsonl").read_text().splitlines()
+    for i, line in enumerate(lines):  # the fourth run's perplexity x20 at 8 edits
+        x = json.loads(line)
+        if x["type"] == "eval" and x["edits_done"] == 8:
+            lines[i] = json.dumps({**x, "perplexity": 20 * x["perplexity"]})
+    (runs / "fourth" / "results.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "report"
+    assert study2.main(["--runs", str(runs), "--out", str(out), "--methods", "encore", "other",
+                        "third", "fourth", "--points", "8", "--primary", "8"]) == 0
+    sys.path.insert(0, str(BENCH))
+    try:
+        block = importlib.import_module("claims_blocks.compare25")
+        said = block.goes_on(out, ["encore", "other", "third", "fourth"], at=8)
+        later = block.goes_on(out, ["other"], at=13)
+    finally:
+        sys.path.remove(str(BENCH))
+        for name in [m for m in sys.modules if m == "tuned" or m.startswith("claims_blocks")]:
+            sys.modules.pop(name, None)
+    assert said[0] == "* `other`: **goes on**: no criterion of the collapse rule met at 8 edits."
+    assert said[1].startswith("* `third`: stops: its update is `memit-seq`'s")
+    assert said[2].startswith("* `fourth`: stops: at 8 edits it meets the collapse rule's "
+                              "perplexity x20.0 >= x10")
+    assert len(said) == 3  # (ENCORE, a study method, is not judged)
+    assert later == ["* `other`: not evaluated at 13 yet."]

@@ -92,16 +92,6 @@ def study2(root: Path) -> str:
     return narrow_table(folder / "table.csv") + "\n\n" + claims(folder)
 
 
-@generator("compare25")
-def compare25(root: Path) -> str:
-    """The new methods' 1,000-edit comparison with ENCORE on the study's stream
-    (``results/compare25-1k``, written by ``study2_report.py --points 1000``)."""
-    folder = results(root, "compare25-1k")
-    if not (folder / "summary.json").exists():
-        return "Not run yet: it waits for every method's tuning."
-    return narrow_table(folder / "table.csv") + "\n\n" + claims(folder)
-
-
 COLUMNS = {"s": "S", "real_s": "real S", "informative_f1": "informative F1",
            "ppl_ratio": "perplexity ×", "known_retained": "known kept",
            "immediate_es": "immediate ES"}

@@ -58,3 +58,13 @@ def judged(run: RunData) -> bool:
     base = estimates.unedited(run)
     return base is not None and (base.get("perplexity") is not None
                                  or bool(estimates.run_informative(run)))
+
+
+def criteria_at(run: RunData, edits: int) -> list[str] | None:
+    """The rule's criteria ``run``'s evaluation at ``edits`` meets (empty: none; None: no such
+    evaluation, or nothing to judge it against)."""
+    base = estimates.unedited(run)
+    line = next((x for x in run.evals if x["edits_done"] == edits), None)
+    if base is None or line is None or edits == 0:
+        return None
+    return collapse_reasons(point_at(run, line), point_at(run, base))

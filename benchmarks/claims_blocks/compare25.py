@@ -1,0 +1,85 @@
+"""The new methods' 1,000-edit comparison with ENCORE on the study's stream (the block
+``compare25``): the study's narrow table, the paired differences with Holm's verdicts, each
+method's s/edit from the side-by-side benchmark, and which methods go on to 10,000 edits by the
+rule committed before the comparison ran (``results/README.md``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from encore_fast.errors import ConfigError
+from encore_fast.eval.collapse import criteria_at
+from encore_fast.eval.results import load_run
+from encore_fast.methods import canonical
+
+from .methods import bench_runs, speeds
+from .registry import generator, results
+from .study2 import claims, narrow_table
+
+AT = 1000
+STUDY = ("encore", "memit-seq", "alphaedit")  # (their study runs' first 1,000 edits)
+# a method whose update at its chosen setting is a study method's by equation
+SAME_AS = {"emmet": ("memit-seq", "λ_e = 1 and λ_u = 0 give MEMIT-seq's update "
+                                  "(tests/test_frontier_rules.py)")}
+
+
+def _key(method: str) -> str:
+    """``method``'s canonical name (an unknown one as written)."""
+    try:
+        return canonical(method)
+    except ConfigError:
+        return method
+
+
+def goes_on(folder: Path, runs: list[str], at: int = AT) -> list[str]:
+    """Per new method, whether it goes on to the 10,000-edit study (judged at ``at`` edits),
+    and why."""
+    lines = []
+    for name in runs:
+        run = load_run(folder / name)
+        method = _key(run.config.get("method", name))
+        if method in STUDY or name in STUDY:
+            continue
+        met = criteria_at(run, at)
+        if met is None:
+            verdict = f"not evaluated at {at:,} yet"
+        elif met:
+            verdict = f"stops: at {at:,} edits it meets the collapse rule's " + "; ".join(met)
+        elif method in SAME_AS:
+            verdict = f"stops: its update is `{SAME_AS[method][0]}`'s ({SAME_AS[method][1]})"
+        else:
+            verdict = f"**goes on**: no criterion of the collapse rule met at {at:,} edits"
+        lines.append(f"* `{name}`: {verdict}.")
+    return lines
+
+
+def speed_line(root: Path, runs: dict[str, str]) -> str:
+    """Each run's method's s/edit from ``methods_cpu.csv`` (side by side, machine alone)."""
+    per, run = speeds(bench_runs(results(root, "methods_cpu.csv")))
+    cells = []
+    for name, method in runs.items():
+        got = per.get(_key(method), [])
+        if got:
+            cells.append(f"`{name}` {min(got):.2f}" if len(got) == 1 else
+                         f"`{name}` {min(got):.2f}–{max(got):.2f}")
+    if not cells:
+        return ""
+    return (f"s/edit of each method with the same settings, side by side on {run['edits']} "
+            f"requests, {run['threads']} threads on {run['cpu']} with the machine alone "
+            f"({run['runs']} runs, `methods_cpu.csv`; the comparison's own runs shared the "
+            f"machine, so their times are not speeds): " + ", ".join(cells) + ".")
+
+
+@generator("compare25")
+def compare25(root: Path) -> str:
+    """The block (``results/compare25-1k``, written by ``study2_report.py --points 1000``)."""
+    folder = results(root, "compare25-1k")
+    if not (folder / "summary.json").exists():
+        return "Not run yet: it waits for every method's 1,000 edits and their evaluation."
+    names = list(json.loads((folder / "summary.json").read_text()))
+    methods = {n: load_run(folder / n).config.get("method", n) for n in names}
+    parts = [narrow_table(folder / "table.csv"), claims(folder), speed_line(root, methods),
+             "Which methods go on to the 10,000-edit study, by the rule above:\n\n"
+             + "\n".join(goes_on(folder, names))]
+    return "\n\n".join(p for p in parts if p)
