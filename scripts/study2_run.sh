@@ -2,7 +2,8 @@
 # One run of the study under the evaluation protocol (issue 24): SmolLM2-135M in bf16 with fp32
 # master weights, a CounterFact stream in batches of 100, immediate efficacy of every batch, and
 # a weight snapshot every 500 edits (scripts/study2_eval.sh evaluates those at the protocol's
-# points). Resumable: run it again to continue. Extra arguments go to `encore-fast eval`.
+# points; run it beside with --follow and the run stops once those evaluations meet the collapse
+# rule). Resumable: run it again to continue. Extra arguments go to `encore-fast eval`.
 #   bash scripts/study2_run.sh encore 10000 --set lambda_p=5000 --set lambda_n=20
 #   DATA=counterfact-train START=5000 NAME=encore-train bash scripts/study2_run.sh encore 3000
 set -euo pipefail
@@ -28,4 +29,4 @@ RESUME=()
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 exec .venv/bin/encore-fast eval --method "$METHOD" --dtype bf16 --dataset "$DATA" \
   --num-edits "$N" --batch-size 100 --eval-every 5 --defer-eval --protocol study \
-  --out "$OUT" --no-plots --quiet "${RESUME[@]}" "$@"
+  --out "$OUT" --no-plots --quiet --stop-on-collapse "${RESUME[@]}" "$@"

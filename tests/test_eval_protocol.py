@@ -342,10 +342,38 @@ def test_stop_on_collapse_ends_a_run_after_two_collapsed_evaluations(tmp_path, d
     assert stop["edits_done"] == 16 and "perplexity" in stop["criteria"][0]
     go(editor(Exploding), out, settings, stop_on_collapse=True, resume=True)  # stays stopped
     assert read_results(out / "results.jsonl") == lines
-    with pytest.raises(RunConfigError, match="deferred"):
-        go(editor(), tmp_path / "d", dataclasses.replace(settings, defer=True),
-           stop_on_collapse=True)
-    assert not (tmp_path / "d").exists()
+
+
+def test_a_deferred_run_stops_on_the_evaluations_written_beside_it(tmp_path, data, monkeypatch):
+    """eval-snapshots (here called from each edit, as --follow would beside the run) writes
+    the evaluations; the deferred run reads them at its snapshots and stops at the collapse;
+    a following evaluation ends with the run's last snapshot instead of waiting."""
+    settings = EvalSettings(**{**data, "known_facts": None})
+    out = tmp_path / "run"
+
+    class Beside(Exploding):
+        def edit(self, requests, batch_size=None, progress=True):
+            fresh = Exploding(words=WORDS)
+            run_mod.evaluate_snapshots(out, fresh.model, fresh.tokenizer, stream(), settings,
+                                       progress=False)
+            return super().edit(requests, batch_size, progress)
+
+    go(editor(Beside), out, dataclasses.replace(settings, defer=True), batch_size=2,
+       stop_on_collapse=True)
+    lines = read_results(out / "results.jsonl")
+    assert [x["batch"] for x in lines if x["type"] == "batch"] == [0, 1, 2, 3, 4]
+    assert [x["edits_done"] for x in evals(out, "evals.jsonl")] == [0, 2, 4, 6, 8]
+    stop = lines[-1]
+    assert stop["type"] == "stopped" and (stop["collapsed_at"], stop["edits_done"]) == (6, 10)
+
+    def no_wait(seconds):
+        raise AssertionError("eval-snapshots --follow waited for a stopped run")
+
+    monkeypatch.setattr(run_mod.time, "sleep", no_wait)
+    fresh = Exploding(words=WORDS)
+    run_mod.evaluate_snapshots(out, fresh.model, fresh.tokenizer, stream(), settings,
+                               follow=True, progress=False)
+    assert [x["edits_done"] for x in evals(out, "evals.jsonl")] == [0, 2, 4, 6, 8, 10]
 
 
 def test_snapshot_evaluations_stop_after_a_collapse(tmp_path, data):
@@ -415,17 +443,6 @@ def test_protocol_study_sets_what_it_says():
     assert (mine.sample, mine.forgetting, mine.downstream_n) == (500, 20, 400)
     edited = cli.settings_from_args(parse(["--eval-sampling", "edited", *quiet]))
     assert edited.sampling == "edited" and not edited.immediate
-
-
-def test_stop_on_collapse_with_deferred_evaluations_is_refused(tmp_path, capsys):
-    data = tmp_path / "cf.json"
-    data.write_text(json.dumps([{"case_id": i, "prompt": f"x{i} lives in", "subject": f"x{i}",
-                                 "target_new": "y", "ground_truth": "z"} for i in range(4)]))
-    args = parse(["--dataset", str(data), "--num-edits", "4", "--wikitext", "none",
-                  "--known-facts", "none", "--out", str(tmp_path / "r"), "--quiet",
-                  "--no-plots", "--defer-eval", "--stop-on-collapse"])
-    assert cli.run_eval(args) == 2
-    assert "deferred" in capsys.readouterr().err
 
 
 def test_each_session_stamps_the_config(tmp_path):

@@ -51,7 +51,6 @@ from encore_fast.eval.run import (
     EvalSettings,
     RunConfigError,
     arrange_batches,
-    check_stop,
     evaluate_snapshots,
     run_sequential,
 )
@@ -153,7 +152,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-on-collapse", action="store_true",
                         help="end the run when the study's collapse rule holds (perplexity "
                              "x10, or the informative downstream mean F1 at its majority "
-                             "level, at two evaluations in a row); not with --defer-eval")
+                             "level, at two evaluations in a row); with --defer-eval, on "
+                             "the evaluations that 'eval-snapshots --follow' beside it has "
+                             "written so far")
     add_common_arguments(parser)
 
 
@@ -280,7 +281,6 @@ def run_eval(args: argparse.Namespace) -> int:
         stream, _ = arrange_batches(records[: args.num_edits], args.batch_size)
         validate_requests([rec.request for rec in stream], None, batch_size=args.batch_size)
         settings = settings_from_args(args)
-        check_stop(getattr(args, "stop_on_collapse", False), settings)
         check_eval_data(settings)
         check_model(args.model)
         run_sequential(

@@ -79,11 +79,11 @@ def run_sequential(
     (0: only at the end) and after the last batch. ``run_info`` (e.g. model name) is stored in
     the config and must match on resume. ``stop_on_collapse``: after each evaluation, apply the
     study's collapse rule to the evaluations so far, and when it holds end the run with a
-    ``"stopped"`` line (a deferred run has no evaluations to apply it to: refused). Returns the
-    path of ``results.jsonl``.
+    ``"stopped"`` line; a deferred run applies it at each snapshot to the evaluations that
+    ``eval-snapshots`` (run beside it with ``--follow``) has written so far. Returns the path of
+    ``results.jsonl``.
     """
     settings = settings or EvalSettings()
-    check_stop(stop_on_collapse, settings)
     n = _check_sizes(len(records), num_edits, batch_size, eval_every)
     stream, batches = _stream_batches(records[:n], batch_size)
     folder = RunFolder(out_dir)
@@ -120,13 +120,6 @@ def _settings(ed: Any) -> Any:
     """The editor's settings as its edits file stores them (own settings only when any)."""
     hparams = getattr(ed, "hparams", None)
     return hparams.to_dict() if hasattr(hparams, "to_dict") else hparams
-
-
-def check_stop(stop_on_collapse: bool, settings: EvalSettings) -> None:
-    """Refuse ``stop_on_collapse`` for a deferred run: it has no evaluations while it runs."""
-    if stop_on_collapse and settings.defer:
-        raise RunConfigError("stop_on_collapse needs the run's own evaluations, and a deferred "
-                             "run (defer=True, --defer-eval) has none; ask for one of the two")
 
 
 def _device(ed: Any) -> Any:
@@ -219,6 +212,8 @@ class _Evaluations:
         edits_done = sum(len(b) for b in self.batches[:done])
         self.folder.snapshot(self.ed, done, edits_done)
         if self.evaluator is None or done in self.done:
+            if self.evaluator is None and self.watch is not None:
+                self.watch = load_run(self.folder.path)  # (what eval-snapshots wrote so far)
             self._check(edits_done)
             return None
         line = _eval_line(self.evaluator, self.ed.model, done, edits_done,
@@ -291,7 +286,8 @@ def evaluate_snapshots(
     ``model`` is a fresh copy of the run's original model (same dtype): each snapshot's weights
     are put into it in turn. ``records`` is the run's stream (checked against its hash).
     Resumable: finished evaluations are kept, a torn last line dropped. ``follow``: keep
-    waiting for new snapshots while the run goes on, until the last batch's one is done. Each
+    waiting for new snapshots while the run goes on, until the last batch's one is done or the
+    run has stopped (a deferred run with ``stop_on_collapse`` stops on what this writes). Each
     evaluation's outcome rows go into ``outcomes/snapshot-NNNNN.jsonl.gz``.
     """
     folder = RunFolder(run_dir)
@@ -308,6 +304,7 @@ def evaluate_snapshots(
     bar = tqdm(desc=f"evaluating {folder.path.name}", unit="snapshot", disable=not progress)
     try:
         while True:
+            ended = follow and _stopped(folder.path)  # (read first: its snapshots are all there)
             for b, path in _pending_snapshots(folder, done, wanted).items():
                 if stop_on_collapse and _collapsed(folder.path):
                     follow = False
@@ -321,12 +318,19 @@ def evaluate_snapshots(
                 done.add(b)
                 bar.update(1)
                 _show(bar, line)
-            if not follow or (wanted <= done if wanted is not None else n_batches in done):
+            if not follow or (wanted <= done if wanted is not None else n_batches in done) \
+                    or ended:
                 break
             time.sleep(poll_seconds)
     finally:
         bar.close()
     return evals
+
+
+def _stopped(run_dir: Path) -> bool:
+    """Whether the run has ended before its last batch (a ``"stopped"`` line): no more
+    snapshots will come. (Its snapshots up to there are evaluated first.)"""
+    return any(x.get("type") == "stopped" for x in read_results(run_dir / RESULTS_FILE))
 
 
 def _collapsed(run_dir: Path) -> bool:
