@@ -126,3 +126,39 @@ def test_deferred_evaluation_matches_the_live_editor(tiny_models, tokenizer, tmp
             assert line["forgetting"]["real_es"] == sum(r["real_es"] for r in first) / 2
     assert got[0]["metrics"] != got[-1]["metrics"] or got[0]["perplexity"] != \
         got[-1]["perplexity"]  # (the edits changed the model's scores)
+
+
+def test_the_unedited_evaluation_answers_every_record_a_later_one_scores(tiny_models,
+                                                                          tokenizer):
+    """Realistic NS compares with the unedited model's answers: the first evaluation answers
+    the neighbourhood prompts of every record the nested sample scores at any later point, so
+    each point's NS rests on all its scored records (here the unedited model again: NS 1);
+    a baseline that lacks some is refused, not silently narrowed."""
+    from encore_fast.eval.protocol import ever_scored, scored_facts
+    from encore_fast.eval.results import RunConfigError
+
+    stream = [EvalRecord(EditRequest(f"{c} is the capital of", c, "Japan", "France",
+                                     case_id=i), "counterfact", [],
+                         [f"The river of {c} flows into the"], "sea", index=i)
+              for i, c in enumerate(CITIES)]
+    settings = EvalSettings(sampling="edited", sample=2, batch_size=4, wikitext=None,
+                            known_facts=None, realistic=True, realistic_neighbours=1)
+    model = tiny_models["llama"]
+    ev = Evaluator(tokenizer, stream, settings)
+    first = {"edits_done": 0, "type": "eval", **ev(model, 0)}
+    answered = set(first["neighbour_answers"])
+    wanted = ever_scored(len(stream), 2)
+    assert len(wanted) > 2  # (more than the first evaluation scores itself)
+    assert answered == {stream[i].neighborhood_prompts[0] for i in wanted}
+    for edits in range(1, len(stream) + 1):
+        line = ev(model, edits)["metrics"]
+        assert line["n_records"] == len(scored_facts(len(stream), edits, 2))
+        assert line["n_real_ns"] == line["n_records"] and line["real_ns"] == 1.0
+    own = {stream[i].neighborhood_prompts[0] for i in scored_facts(len(stream), 0, 2)}
+    narrowed = {**first, "neighbour_answers": {  # (as before the fix: its own records only)
+        p: a for p, a in first["neighbour_answers"].items() if p in own}}
+    again = Evaluator(tokenizer, stream, settings)
+    again.restore([narrowed])
+    with pytest.raises(RunConfigError, match="no neighbourhood answers for"):
+        for edits in range(1, len(stream) + 1):
+            again(model, edits)

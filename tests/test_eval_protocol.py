@@ -26,7 +26,7 @@ from encore_fast.eval.outcomes import read_outcomes, rows_of, write_outcomes
 from encore_fast.eval.protocol import scored_facts
 from encore_fast.eval.report import csv_table, load_run, markdown_table, summarize_run
 from encore_fast.eval.results import read_results
-from encore_fast.eval.run import EvalSettings, RunConfigError, run_sequential
+from encore_fast.eval.run import EvalSettings, run_sequential
 from encore_fast.eval.settings import STUDY
 from encore_fast.eval.testing import FakeEditor
 from encore_fast.requests import EditRequest

@@ -201,3 +201,14 @@ def test_collapse_rule_was_committed_before_the_first_study_result():
         assert line in then and line in inspect.getsource(protocol)
     assert "def test_collapse_needs_two_evaluations_in_a_row" in _git(
         "show", f"{parent}:tests/test_protocol.py")
+
+
+@pytest.mark.parametrize(("n", "size", "seed"), [(1, 1, 0), (7, 3, 0), (40, 5, 1), (300, 30, 2)])
+def test_ever_scored_is_the_union_of_every_points_sample(n, size, seed):
+    from encore_fast.eval.protocol import ever_scored
+
+    union = set()
+    for edits in range(n + 1):
+        union |= set(scored_facts(n, edits, size, seed))
+    assert ever_scored(n, size, seed) == sorted(union)
+    assert len(union) > size or n <= size  # (more than one evaluation's sample)

@@ -19,7 +19,7 @@ from typing import Any
 
 from encore_fast.eval.datasets import EvalRecord
 from encore_fast.eval.outcomes import Row
-from encore_fast.eval.protocol import SAMPLE_SIZE, scored_facts
+from encore_fast.eval.protocol import SAMPLE_SIZE, ever_scored, scored_facts
 from encore_fast.eval.registry import enabled_metrics
 from encore_fast.eval.seam import OUTCOME_ROWS, EvalPoint
 from encore_fast.eval.settings import EvalSettings
@@ -60,6 +60,15 @@ class Evaluator:
             return list(self.sample)
         return [i for i in self.sample if i < edits_done]
 
+    def baseline_indices(self) -> list[int]:
+        """Stream positions whose unedited baselines the first evaluation records: every record
+        a later evaluation may score (with the nested sample, more than the first one scores)."""
+        s = self.settings
+        if s.sampling == "edited":
+            size = SAMPLE_SIZE if s.sample is None else s.sample
+            return ever_scored(len(self.stream), size, s.seed)
+        return self.indices_at(0)
+
     def records_at(self, edits_done: int) -> list[EvalRecord]:
         """Records evaluated after ``edits_done`` edits (:meth:`indices_at`)."""
         return [self.stream[i] for i in self.indices_at(edits_done)]
@@ -68,8 +77,9 @@ class Evaluator:
         """The evaluation line's measurements after ``edits_done`` edits (the per-item rows go
         to ``self.outcomes``)."""
         indices = self.indices_at(edits_done)
+        baseline = [self.stream[i] for i in self.baseline_indices()] if edits_done == 0 else []
         point = EvalPoint(model, self.tokenizer, edits_done, [self.stream[i] for i in indices],
-                          self.stream, self.settings, indices)
+                          self.stream, self.settings, indices, baseline)
         out: dict[str, Any] = {}
         self.outcomes = []
         for metric, data in self.metrics:

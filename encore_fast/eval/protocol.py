@@ -13,6 +13,7 @@ downstream tasks carry signal, and when a method has collapsed.
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,21 @@ def scored_facts(n_stream: int, edits_done: int, size: int = SAMPLE_SIZE,
     limit = n_stream if edits_done == 0 else min(edits_done, n_stream)
     picked = [i for i in fact_order(n_stream, seed) if i < limit][:size]
     return sorted(picked)
+
+
+def ever_scored(n_stream: int, size: int = SAMPLE_SIZE, seed: int = 0) -> list[int]:
+    """Every index some evaluation of the stream scores (:func:`scored_facts` after any number
+    of edits, none included), sorted: the facts whose unedited baselines (the neighbourhood
+    answers that realistic NS compares with) the first evaluation must record. Fact ``i`` is
+    among them when, just after it is edited, it is among the ``size`` first of the order."""
+    position = {i: p for p, i in enumerate(fact_order(n_stream, seed))}
+    seen: list[int] = []  # the order's positions of the facts edited so far, sorted
+    out = []
+    for i in range(n_stream):
+        bisect.insort(seen, position[i])
+        if bisect.bisect_left(seen, position[i]) < size:
+            out.append(i)
+    return sorted(set(out) | set(scored_facts(n_stream, 0, size, seed)))
 
 
 def majority_levels(gold: Sequence[int], n_classes: int) -> dict[str, float]:

@@ -30,7 +30,7 @@ from encore_fast.eval.metrics import (
     zsre_scores,
 )
 from encore_fast.eval.outcomes import Row, record_rows
-from encore_fast.eval.results import RunData
+from encore_fast.eval.results import RunConfigError, RunData
 from encore_fast.eval.seam import (
     OUTCOME_ROWS,
     EvalPoint,
@@ -133,11 +133,18 @@ class Realistic(Metric):
 
     def evaluate(self, point: EvalPoint, data: _Answers) -> Mapping[str, Any]:
         s, records = point.settings, point.records
+        _check_answers(point, data.answers)
         real, answers, shares = realistic_scores(point.model, point.tokenizer, records,
                                                  data.answers, s.realistic_neighbours,
                                                  s.batch_size)
         out: dict[str, Any] = {"metrics": real}
         if data.answers is None:  # the unedited model's answers: the baseline
+            scored = {id(rec) for rec in records}  # (the stream's own record objects)
+            later = [rec for rec in point.baseline if id(rec) not in scored]
+            if later:  # (records only later evaluations score: their answers now)
+                answers.update(realistic_scores(point.model, point.tokenizer, later, None,
+                                                s.realistic_neighbours, s.batch_size,
+                                                groups=("ns",))[1])
             data.answers = answers
             out["neighbour_answers"] = answers
             real["real_ns"] = 1.0
@@ -148,6 +155,23 @@ class Realistic(Metric):
         real.update(group_counts(shares))
         out[OUTCOME_ROWS] = scored_rows(records, point.indices, shares)
         return out
+
+
+def _check_answers(point: EvalPoint, answers: dict[str, str] | None) -> None:
+    """Refuse an evaluation whose records' neighbourhood prompts the unedited evaluation did
+    not answer: their realistic NS would silently rest on fewer records than are scored."""
+    if answers is None:
+        return
+    k = point.settings.realistic_neighbours
+    missing = [i for i, rec in zip(point.indices, point.records, strict=True)
+               if any(p not in answers for p in rec.neighborhood_prompts[:k])]
+    if missing:
+        raise RunConfigError(
+            f"realistic NS after {point.edits_done} edits: the unedited evaluation holds no "
+            f"neighbourhood answers for {len(missing)} of the {len(point.records)} scored "
+            f"records (stream positions {missing[:5]}...); it was written before every record "
+            "a later evaluation scores was answered: evaluate the unedited model again (a new "
+            "run folder, or a new shared baseline)")
 
 
 class Generation(Metric):

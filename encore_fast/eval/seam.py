@@ -141,6 +141,8 @@ class EvalPoint:
     stream: Sequence[EvalRecord]  # the whole edit stream, in edit order
     settings: EvalSettings
     indices: list[int] = field(default_factory=list)  # records' positions in the stream
+    # before any edit: every record a later evaluation may score (their unedited baselines)
+    baseline: list[EvalRecord] = field(default_factory=list)
 
 
 class Metric:
