@@ -61,8 +61,8 @@ def speed_line(root: Path, runs: dict[str, str]) -> str:
     for name, method in runs.items():
         got = per.get(_key(method), [])
         if got:
-            cells.append(f"`{name}` {min(got):.2f}" if len(got) == 1 else
-                         f"`{name}` {min(got):.2f}–{max(got):.2f}")
+            low, high = f"{min(got):.2f}", f"{max(got):.2f}"
+            cells.append(f"`{name}` {low}" if low == high else f"`{name}` {low}–{high}")
     if not cells:
         return ""
     return (f"s/edit of each method with the same settings, side by side on {run['edits']} "
@@ -79,7 +79,10 @@ def compare25(root: Path) -> str:
         return "Not run yet: it waits for every method's 1,000 edits and their evaluation."
     names = list(json.loads((folder / "summary.json").read_text()))
     methods = {n: load_run(folder / n).config.get("method", n) for n in names}
-    parts = [narrow_table(folder / "table.csv"), claims(folder), speed_line(root, methods),
+    pairs = sorted(folder.glob("compare-*.md.json"))
+    base = json.loads(pairs[0].read_text())["a"] if pairs else names[0]
+    parts = [narrow_table(folder / "table.csv"), claims(folder, base=base),
+             speed_line(root, methods),
              "Which methods go on to the 10,000-edit study, by the rule above:\n\n"
              + "\n".join(goes_on(folder, names))]
     return "\n\n".join(p for p in parts if p)
