@@ -77,8 +77,9 @@ def table(root: Path) -> str:
         cells = settings_cell(method, summary) if method != "memit" else (
             "the preset's", "— (not a sequential method)")
         got = per.get(canonical(method), [])
-        speed = "not measured yet" if not got else f"{got[0]:.2f}" if len(got) == 1 else \
-            f"{min(got):.2f}–{max(got):.2f} ({len(got)} runs)"
+        low, high = (f"{min(got):.2f}", f"{max(got):.2f}") if got else ("", "")
+        speed = "not measured yet" if not got else low if len(got) == 1 else \
+            f"{low} ({len(got)} runs)" if low == high else f"{low}–{high} ({len(got)} runs)"
         lines.append(f"| `{method}` | {cells[0]} | {cells[1]} | {speed} |")
     if run:
         lines += ["", f"s/edit: `benchmarks/bench_methods.py`, the methods side by side on the "
