@@ -5,11 +5,12 @@ rule committed before the comparison ran (``results/README.md``)."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 from encore_fast.errors import ConfigError
-from encore_fast.eval.collapse import criteria_at
+from encore_fast.eval.collapse import criteria_at, point_at
 from encore_fast.eval.results import load_run
 from encore_fast.methods import canonical
 
@@ -34,8 +35,9 @@ def _key(method: str) -> str:
 
 def goes_on(folder: Path, runs: list[str], at: int = AT) -> list[str]:
     """Per new method, whether it goes on to the 10,000-edit study (judged at ``at`` edits),
-    and why."""
-    lines = []
+    and why: those that go on first, in the order they run (informative downstream F1 at
+    ``at``, highest first), then those that stop."""
+    on, off = [], []
     for name in runs:
         run = load_run(folder / name)
         method = _key(run.config.get("method", name))
@@ -43,15 +45,33 @@ def goes_on(folder: Path, runs: list[str], at: int = AT) -> list[str]:
             continue
         met = criteria_at(run, at)
         if met is None:
-            verdict = f"not evaluated at {at:,} yet"
+            off.append(f"* `{name}`: not evaluated at {at:,} yet.")
         elif met:
-            verdict = f"stops: at {at:,} edits it meets the collapse rule's " + "; ".join(met)
+            off.append(f"* `{name}`: stops: at {at:,} edits it meets the collapse rule's "
+                       + "; ".join(met) + ".")
         elif method in SAME_AS:
-            verdict = f"stops: its update is `{SAME_AS[method][0]}`'s ({SAME_AS[method][1]})"
+            off.append(f"* `{name}`: stops: its update is `{SAME_AS[method][0]}`'s "
+                       f"({SAME_AS[method][1]}).")
         else:
-            verdict = f"**goes on**: no criterion of the collapse rule met at {at:,} edits"
-        lines.append(f"* `{name}`: {verdict}.")
-    return lines
+            line = next(x for x in run.evals if x["edits_done"] == at)
+            f1 = point_at(run, line).downstream
+            said = f" (informative downstream F1 {f1.value:.2f})" if f1 else ""
+            on.append((-(f1.value if f1 else -1.0), f"* `{name}`: **goes on**{said}: no "
+                       f"criterion of the collapse rule met at {at:,} edits."))
+    return [text for _, text in sorted(on, key=lambda x: x[0])] + off
+
+
+def same_scores(path: Path) -> str:
+    """Runs whose every score of the report's table is the same (e.g. one method's update
+    being another's by equation, or a transform that never acted)."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for row in csv.DictReader(path.open(newline="")):
+        if row["method"] != "unedited":
+            key = tuple(v for k, v in row.items() if k not in ("method", "sec_per_edit"))
+            groups.setdefault(key, []).append(f"`{row['method']}`")
+    same = [" = ".join(g) for g in groups.values() if len(g) > 1]
+    return ("Identical in every score and interval of `table.csv`: " + "; ".join(same) + "."
+            ) if same else ""
 
 
 def speed_line(root: Path, runs: dict[str, str]) -> str:
@@ -82,7 +102,7 @@ def compare25(root: Path) -> str:
     pairs = sorted(folder.glob("compare-*.md.json"))
     base = json.loads(pairs[0].read_text())["a"] if pairs else names[0]
     parts = [narrow_table(folder / "table.csv"), claims(folder, base=base),
-             speed_line(root, methods),
+             same_scores(folder / "table.csv"), speed_line(root, methods),
              "Which methods go on to the 10,000-edit study, by the rule above:\n\n"
              + "\n".join(goes_on(folder, names))]
     return "\n\n".join(p for p in parts if p)
