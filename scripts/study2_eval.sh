@@ -28,11 +28,16 @@ if [ ! -f "$OUT/evals.jsonl" ] && [ -f "$BASE/evals.jsonl" ]; then
   cp "$BASE/evals.jsonl" "$OUT/evals.jsonl"
   cp "$BASE/snapshot-00000.jsonl.gz" "$OUT/outcomes/"
 fi
-.venv/bin/encore-fast eval-snapshots "$OUT" --dtype bf16 --dataset "$DATASET" --protocol study \
-  --downstream auto --known-n 0 --at "$AT" --stop-on-collapse --quiet "$@"
-if [ ! -f "$BASE/evals.jsonl" ]; then
+evaluate() {
+  .venv/bin/encore-fast eval-snapshots "$OUT" --dtype bf16 --dataset "$DATASET" \
+    --protocol study --downstream auto --known-n 0 --stop-on-collapse --quiet "$@"
+}
+if [ ! -f "$BASE/evals.jsonl" ]; then  # the unedited evaluation first, shared at once
+  evaluate --at 0 --follow
   mkdir -p "$BASE.tmp"
   head -n 1 "$OUT/evals.jsonl" > "$BASE.tmp/evals.jsonl"
   cp "$OUT/outcomes/snapshot-00000.jsonl.gz" "$BASE.tmp/"
-  mv "$BASE.tmp" "$BASE"
+  [ -f "$BASE/evals.jsonl" ] || { rm -rf "$BASE"; mv "$BASE.tmp" "$BASE"; }
+  rm -rf "$BASE.tmp"
 fi
+evaluate --at "$AT" "$@"

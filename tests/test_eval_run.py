@@ -265,6 +265,9 @@ def test_snapshots_are_evaluated_only_at_the_edit_counts_asked_for(tmp_path, set
     out = tmp_path / "deferred"
     go(lambda: FakeEditor(), out, dataclasses.replace(settings, defer=True), eval_every=1)
     ed = FakeEditor()
+    evaluate_snapshots(out, ed.model, ed.tokenizer, stream(), settings, at=edit_counts("0"),
+                       progress=False)  # (the unedited model alone)
+    assert [x["edits_done"] for x in read_results(out / EVALS_FILE)] == [0]
     with pytest.raises(RunConfigError, match=r"no batch of this run ends at \[5\] edits"):
         evaluate_snapshots(out, ed.model, ed.tokenizer, stream(), settings, at=[5],
                            progress=False)
@@ -276,6 +279,6 @@ def test_snapshots_are_evaluated_only_at_the_edit_counts_asked_for(tmp_path, set
     got = [x["edits_done"] for x in read_results(out / EVALS_FILE) if x["type"] == "eval"]
     assert sorted(got) == [0, 3, 6, 9, 10]  # the rest later, on request
     assert edit_counts("1000, 2000,7500") == [1000, 2000, 7500]
-    for bad in ("", "ten", "0,5"):
+    for bad in ("", "ten", "-1,5"):
         with pytest.raises(Exception, match="numbers of edits"):
             edit_counts(bad)

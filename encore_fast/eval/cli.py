@@ -312,7 +312,8 @@ def add_snapshot_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep waiting for new snapshots until the run's last one")
     parser.add_argument("--at", type=edit_counts, default=None, metavar="N,N,...",
                         help="evaluate only the snapshots after these numbers of edits (and "
-                             "the unedited one), e.g. 1000,2000,3000,5000,7500,10000")
+                             "the unedited one), e.g. 1000,2000,3000,5000,7500,10000; 0: the "
+                             "unedited one alone")
     parser.add_argument("--stop-on-collapse", action="store_true",
                         help="evaluate no snapshot after the evaluations so far meet the "
                              "study's collapse rule")
@@ -320,14 +321,15 @@ def add_snapshot_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def edit_counts(text: str) -> list[int]:
-    """``"1000,2000"`` -> ``[1000, 2000]`` (an argparse type: numbers of edits >= 1)."""
+    """``"1000,2000"`` -> ``[1000, 2000]`` (an argparse type: numbers of edits >= 0; 0 alone
+    asks for the unedited model's evaluation only)."""
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected numbers of edits like 1000,2000, got "
                                          f"{text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected numbers of edits >= 1, got {text!r}")
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected numbers of edits >= 0, got {text!r}")
     return values
 
 
