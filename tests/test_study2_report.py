@@ -12,6 +12,7 @@ import pytest
 from helpers import load_benchmark
 from test_eval_protocol import Other, data, editor, go  # noqa: F401 (data: a fixture)
 
+from encore_fast.eval.results import load_run
 from encore_fast.eval.run import EvalSettings
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -97,8 +98,9 @@ def test_which_methods_go_on_to_the_long_study(study2, tmp_path, data):  # noqa:
     sys.path.insert(0, str(BENCH))
     try:
         block = importlib.import_module("claims_blocks.compare25")
-        said = block.goes_on(out, ["encore", "other", "third", "fourth"], at=8)
-        later = block.goes_on(out, ["other"], at=13)
+        runs = {n: load_run(out / n) for n in ("encore", "other", "third", "fourth")}
+        said = block.goes_on(runs, at=8)
+        later = block.goes_on({"other": runs["other"]}, at=13)
     finally:
         sys.path.remove(str(BENCH))
         for name in [m for m in sys.modules if m == "tuned" or m.startswith("claims_blocks")]:

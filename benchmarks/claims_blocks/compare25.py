@@ -11,15 +11,15 @@ from pathlib import Path
 
 from encore_fast.errors import ConfigError
 from encore_fast.eval.collapse import criteria_at, point_at
-from encore_fast.eval.results import load_run
+from encore_fast.eval.results import RunData, load_run
 from encore_fast.methods import canonical
 
-from .methods import bench_runs, speeds
+from .methods import bench_runs, speed_range, speeds
 from .registry import generator, results
 from .study2 import claims, narrow_table
 
 AT = 1000
-STUDY = ("encore", "memit-seq", "alphaedit")  # (their study runs' first 1,000 edits)
+STUDY = ("encore", "memit-seq", "alphaedit")  # (in the long study whatever the comparison says)
 # a method whose update at its chosen setting is a study method's by equation
 SAME_AS = {"emmet": ("memit-seq", "λ_e = 1 and λ_u = 0 give MEMIT-seq's update "
                                   "(tests/test_frontier_rules.py)")}
@@ -33,13 +33,12 @@ def _key(method: str) -> str:
         return method
 
 
-def goes_on(folder: Path, runs: list[str], at: int = AT) -> list[str]:
+def goes_on(runs: dict[str, RunData], at: int = AT) -> list[str]:
     """Per new method, whether it goes on to the 10,000-edit study (judged at ``at`` edits),
     and why: those that go on first, in the order they run (informative downstream F1 at
     ``at``, highest first), then those that stop."""
     on, off = [], []
-    for name in runs:
-        run = load_run(folder / name)
+    for name, run in runs.items():
         method = _key(run.config.get("method", name))
         if method in STUDY or name in STUDY:
             continue
@@ -74,15 +73,14 @@ def same_scores(path: Path) -> str:
             ) if same else ""
 
 
-def speed_line(root: Path, runs: dict[str, str]) -> str:
+def speed_line(root: Path, runs: dict[str, RunData]) -> str:
     """Each run's method's s/edit from ``methods_cpu.csv`` (side by side, machine alone)."""
     per, run = speeds(bench_runs(results(root, "methods_cpu.csv")))
     cells = []
-    for name, method in runs.items():
-        got = per.get(_key(method), [])
+    for name, data in runs.items():
+        got = per.get(_key(data.config.get("method", name)), [])
         if got:
-            low, high = f"{min(got):.2f}", f"{max(got):.2f}"
-            cells.append(f"`{name}` {low}" if low == high else f"`{name}` {low}–{high}")
+            cells.append(f"`{name}` {speed_range(got)}")
     if not cells:
         return ""
     return (f"s/edit of each method with the same settings, side by side on {run['edits']} "
@@ -98,11 +96,11 @@ def compare25(root: Path) -> str:
     if not (folder / "summary.json").exists():
         return "Not run yet: it waits for every method's 1,000 edits and their evaluation."
     names = list(json.loads((folder / "summary.json").read_text()))
-    methods = {n: load_run(folder / n).config.get("method", n) for n in names}
+    runs = {n: load_run(folder / n) for n in names}
     pairs = sorted(folder.glob("compare-*.md.json"))
     base = json.loads(pairs[0].read_text())["a"] if pairs else names[0]
     parts = [narrow_table(folder / "table.csv"), claims(folder, base=base),
-             same_scores(folder / "table.csv"), speed_line(root, methods),
+             same_scores(folder / "table.csv"), speed_line(root, runs),
              "Which methods go on to the 10,000-edit study, by the rule above:\n\n"
-             + "\n".join(goes_on(folder, names))]
+             + "\n".join(goes_on(runs))]
     return "\n\n".join(p for p in parts if p)

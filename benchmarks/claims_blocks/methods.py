@@ -54,6 +54,12 @@ def speeds(runs: list[list[dict[str, str]]]) -> tuple[dict[str, list[float]], di
     return out, {"runs": str(len(same)), "dates": ", ".join(dates), **newest}
 
 
+def speed_range(got: list[float]) -> str:
+    """s/edit over like runs: one value, or ``low–high`` when they differ at two decimals."""
+    low, high = f"{min(got):.2f}", f"{max(got):.2f}"
+    return low if low == high else f"{low}–{high}"
+
+
 def settings_cell(method: str, summary: Path) -> tuple[str, str]:
     """``method``'s settings and where they come from (``summary``: the tuning's), as cells."""
     try:
@@ -77,9 +83,8 @@ def table(root: Path) -> str:
         cells = settings_cell(method, summary) if method != "memit" else (
             "the preset's", "— (not a sequential method)")
         got = per.get(canonical(method), [])
-        low, high = (f"{min(got):.2f}", f"{max(got):.2f}") if got else ("", "")
-        speed = "not measured yet" if not got else low if len(got) == 1 else \
-            f"{low} ({len(got)} runs)" if low == high else f"{low}–{high} ({len(got)} runs)"
+        speed = "not measured yet" if not got else speed_range(got) if len(got) == 1 else \
+            f"{speed_range(got)} ({len(got)} runs)"
         lines.append(f"| `{method}` | {cells[0]} | {cells[1]} | {speed} |")
     if run:
         lines += ["", f"s/edit: `benchmarks/bench_methods.py`, the methods side by side on the "
